@@ -1,0 +1,167 @@
+/**
+ * `npm run bench`: Encrypt and Decrypt through the plugin's unix socket, with 1, 3
+ * and 5 local key backends, at concurrency 1, 16 and 64. The plugin runs in its own
+ * process (as beside a real apiserver); this process is the client. Reports ops/s,
+ * p50 / p99 / p99.9 latency and the plugin's resident memory.
+ *
+ *   npm run bench                    full matrix, table on stdout
+ *   npm run bench -- --quick --json  3 backends, concurrency 16, one JSON line
+ *
+ * Results are recorded in docs/performance.md.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { generateKeyFile } from '../src/backends/local.ts';
+import { call, clientsFor } from '../src/cli/client.ts';
+import type * as T from '../src/kms/types.ts';
+
+const { values: args } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    json: { type: 'boolean', default: false },
+    seconds: { type: 'string' },
+  },
+});
+
+const root = path.resolve(import.meta.dirname, '..');
+const seconds = Number(args.seconds ?? (args.quick ? 3 : 5));
+const backendCounts = args.quick ? [3] : [1, 3, 5];
+const concurrencies = args.quick ? [16] : [1, 16, 64];
+
+interface Result {
+  backends: number;
+  concurrency: number;
+  operation: 'encrypt' | 'decrypt';
+  ops: number;
+  opsPerSec: number;
+  p50: number;
+  p99: number;
+  p999: number;
+  errors: number;
+  rssMiB: number;
+}
+
+function percentile(sorted: Float64Array, p: number): number {
+  if (sorted.length === 0) return NaN;
+  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!;
+}
+
+function rssMiB(pid: number): number {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? NaN);
+  return Math.round((kb / 1024) * 10) / 10;
+}
+
+async function startPlugin(dir: string, backends: number): Promise<{ child: ChildProcess; socket: string }> {
+  const names = Array.from({ length: backends }, (_, i) => `local-${i + 1}`);
+  for (const name of names) await generateKeyFile(path.join(dir, `${name}.key`));
+  const socket = path.join(dir, 'kms.sock');
+  const config = {
+    socket: { path: socket },
+    quorum: Math.min(2, backends),
+    backends: names.map((name) => ({ name, type: 'local', keyFile: `${name}.key` })),
+    log: { level: 'warn' },
+  };
+  await writeFile(path.join(dir, 'config.yaml'), JSON.stringify(config));
+  const extra = process.env.BENCH_PLUGIN_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  const child = spawn(process.execPath, [...extra, path.join(root, 'src/main.ts'), 'serve', '--config', path.join(dir, 'config.yaml')], {
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  const deadline = Date.now() + 15000;
+  while (!existsSync(socket)) {
+    if (Date.now() > deadline || child.exitCode !== null) throw new Error('plugin did not start');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return { child, socket };
+}
+
+async function measure(
+  operation: Result['operation'],
+  concurrency: number,
+  fire: () => Promise<unknown>,
+): Promise<{ ops: number; latencies: Float64Array; errors: number; elapsed: number }> {
+  const latencies: number[] = [];
+  let errors = 0;
+  // Warm up connections, JIT and the backends' latency windows.
+  await Promise.all(Array.from({ length: concurrency }, () => fire().catch(() => undefined)));
+  const started = performance.now();
+  const stopAt = started + seconds * 1000;
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (performance.now() < stopAt) {
+        const t0 = performance.now();
+        try {
+          await fire();
+          latencies.push(performance.now() - t0);
+        } catch {
+          errors++;
+        }
+      }
+    }),
+  );
+  const elapsed = (performance.now() - started) / 1000;
+  return { ops: latencies.length, latencies: Float64Array.from(latencies).sort(), errors, elapsed };
+}
+
+async function benchBackends(backends: number): Promise<Result[]> {
+  const dir = await mkdtemp(path.join(tmpdir(), 'trousseau-bench-'));
+  const { child, socket } = await startPlugin(dir, backends);
+  const clients = clientsFor(socket);
+  const results: Result[] = [];
+  try {
+    const seed = Buffer.alloc(32, 7);
+    const sample = await call<T.V2EncryptRequest, T.V2EncryptResponse>(clients.v2, 'Encrypt', { plaintext: seed, uid: 'bench' });
+    const decryptRequest: T.V2DecryptRequest = { ciphertext: sample.ciphertext, uid: 'bench', key_id: sample.key_id, annotations: sample.annotations };
+    for (const concurrency of concurrencies) {
+      for (const operation of ['encrypt', 'decrypt'] as const) {
+        const fire =
+          operation === 'encrypt'
+            ? () => call(clients.v2, 'Encrypt', { plaintext: seed, uid: 'bench' })
+            : () => call(clients.v2, 'Decrypt', decryptRequest);
+        const run = await measure(operation, concurrency, fire);
+        results.push({
+          backends,
+          concurrency,
+          operation,
+          ops: run.ops,
+          opsPerSec: Math.round(run.ops / run.elapsed),
+          p50: round(percentile(run.latencies, 50)),
+          p99: round(percentile(run.latencies, 99)),
+          p999: round(percentile(run.latencies, 99.9)),
+          errors: run.errors,
+          rssMiB: rssMiB(child.pid!),
+        });
+      }
+    }
+  } finally {
+    clients.close();
+    child.kill('SIGTERM');
+    await new Promise((r) => child.once('exit', r));
+    await rm(dir, { recursive: true, force: true });
+  }
+  return results;
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 100) / 100;
+}
+
+const all: Result[] = [];
+for (const count of backendCounts) all.push(...(await benchBackends(count)));
+
+if (args.json) {
+  const pick = (operation: Result['operation']) => all.find((r) => r.operation === operation && r.backends === 3 && r.concurrency === 16) ?? all.find((r) => r.operation === operation)!;
+  console.log(JSON.stringify({ node: process.version, seconds, encrypt: pick('encrypt'), decrypt: pick('decrypt'), results: all }));
+} else {
+  console.log(`Node ${process.version}, ${seconds} s per cell, local key backends, quorum min(2, n)\n`);
+  console.log('backends  conc  op       ops/s   p50 ms  p99 ms  p99.9 ms  errors  plugin RSS MiB');
+  for (const r of all) {
+    console.log(
+      `${String(r.backends).padStart(8)}  ${String(r.concurrency).padStart(4)}  ${r.operation.padEnd(7)}  ${String(r.opsPerSec).padStart(6)}  ${r.p50.toFixed(2).padStart(6)}  ${r.p99.toFixed(2).padStart(6)}  ${r.p999.toFixed(2).padStart(8)}  ${String(r.errors).padStart(6)}  ${String(r.rssMiB).padStart(14)}`,
+    );
+  }
+}

@@ -1,0 +1,34 @@
+/**
+ * What a backend file exports besides its KeyBackend class: its config schema and a
+ * factory. Kept apart from registry.ts so backend files never import the registry.
+ */
+import { z } from 'zod';
+import type { Logger } from 'pino';
+import type { KeyBackend } from './backend.ts';
+
+/** What every backend's config block has, whatever its type. */
+export const commonBackendFields = {
+  /** DNS label naming this backend instance; recorded in envelopes, so never rename a backend holding data. */
+  name: z
+    .string()
+    .regex(/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/, 'must be a DNS label: lowercase letters, digits and "-", at most 63 characters'),
+  /** Decrypt tries backends with a lower number first (default 100). */
+  priority: z.number().int().min(0).max(1000).default(100),
+  /** Per-call timeout in milliseconds (default 1000); must stay under the apiserver's 3 s deadline. */
+  timeoutMs: z.number().int().min(10).max(2900).default(1000),
+};
+
+export interface BackendDependencies {
+  logger: Logger;
+  /** Folder relative paths in the configuration are resolved against. */
+  baseDir: string;
+}
+
+export interface BackendDefinition<Schema extends z.ZodObject = z.ZodObject> {
+  /** Value of `type:` in the configuration. */
+  type: string;
+  /** Zod schema of the backend's config block, including commonBackendFields and a `type` literal. */
+  configSchema: Schema;
+  create(config: z.output<Schema>, deps: BackendDependencies): KeyBackend;
+}
+

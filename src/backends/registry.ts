@@ -1,0 +1,15 @@
+/**
+ * Backend registration: each backend file exports one BackendDefinition, listed in
+ * `backendDefinitions` below. Adding a KMS means one file plus one line here.
+ */
+import type { z } from 'zod';
+import type { BackendDefinition } from './definition.ts';
+import { localBackend } from './local.ts';
+
+export const backendDefinitions = [localBackend] as const;
+
+export type BackendConfig = z.output<(typeof backendDefinitions)[number]['configSchema']>;
+
+export function definitionFor(type: string): BackendDefinition | undefined {
+  return (backendDefinitions as readonly BackendDefinition[]).find((d) => d.type === type);
+}

@@ -1,0 +1,38 @@
+/**
+ * The embedded default of `serve --dev`: three local key backends (local-a, local-b,
+ * local-c) in DATA_DIR, quorum 2. Keys are created only on the very first start, when
+ * the folder holds no key at all. After that a missing key file makes that backend
+ * unavailable: creating a new key in its place would silently lose every envelope
+ * the old one wrapped.
+ */
+import { mkdir, readdir } from 'node:fs/promises';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { generateKeyFile } from '../backends/local.ts';
+import { parseConfig } from '../config/load.ts';
+import type { Config } from '../config/schema.ts';
+
+export const DEV_BACKENDS = ['local-a', 'local-b', 'local-c'] as const;
+
+export async function prepareDevKeys(dataDir: string, logger: Logger): Promise<void> {
+  await mkdir(dataDir, { recursive: true, mode: 0o700 });
+  const existing = (await readdir(dataDir)).filter((f) => f.endsWith('.key'));
+  if (existing.length > 0) return;
+  for (const name of DEV_BACKENDS) {
+    const version = await generateKeyFile(path.join(dataDir, `${name}.key`));
+    logger.info({ backend: name, keyVersion: version }, 'created development key file');
+  }
+}
+
+export function devConfig(dataDir: string, socketPath: string, overrides: { httpListen?: string | undefined; logLevel?: string | undefined }): Config {
+  return parseConfig(
+    {
+      socket: { path: socketPath },
+      quorum: 2,
+      backends: DEV_BACKENDS.map((name) => ({ name, type: 'local', keyFile: path.join(dataDir, `${name}.key`) })),
+      ...(overrides.httpListen ? { http: { listen: overrides.httpListen } } : {}),
+      ...(overrides.logLevel ? { log: { level: overrides.logLevel } } : {}),
+    },
+    'development configuration',
+  );
+}

@@ -1,0 +1,67 @@
+/**
+ * `trousseau serve`: start the plugin, the gRPC server and the HTTP endpoints, and
+ * shut them down in order on SIGTERM/SIGINT: stop accepting, drain in-flight calls
+ * within a bound, stop probes and breakers, remove the socket.
+ */
+import type { Config } from '../config/schema.ts';
+import { KmsServer } from '../kms/server.ts';
+import { ObservabilityServer } from '../observability/http.ts';
+import { createLogger, type Logger } from '../observability/logger.ts';
+import { Metrics } from '../observability/metrics.ts';
+import { Plugin } from '../plugin.ts';
+
+export interface RunningPlugin {
+  plugin: Plugin;
+  kms: KmsServer;
+  http: ObservabilityServer | undefined;
+  httpAddress: string | undefined;
+  stop(): Promise<void>;
+}
+
+export async function startPlugin(config: Config, baseDir: string, logger: Logger = createLogger(config.log.level)): Promise<RunningPlugin> {
+  const metrics = new Metrics({ processMetrics: true });
+  const plugin = new Plugin({ config, baseDir, logger, metrics });
+  const kms = new KmsServer(plugin, { path: config.socket.path, mode: config.socket.mode, group: config.socket.group }, metrics, logger);
+  let http: ObservabilityServer | undefined;
+  let httpAddress: string | undefined;
+  try {
+    await plugin.start();
+    await kms.start();
+    if (config.http.listen) {
+      http = new ObservabilityServer(metrics, plugin, logger);
+      const bound = await http.listen(config.http.listen);
+      httpAddress = `${bound.address}:${bound.port}`;
+    }
+  } catch (error) {
+    await plugin.close();
+    throw error;
+  }
+  let stopping: Promise<void> | undefined;
+  const stop = () =>
+    (stopping ??= (async () => {
+      logger.info({ inFlight: kms.inFlight }, 'shutting down');
+      await kms.stop(config.shutdown.drainTimeoutMs);
+      await http?.close();
+      await plugin.close();
+      logger.info('stopped');
+    })());
+  return { plugin, kms, http, httpAddress, stop };
+}
+
+/** Serve until a signal arrives; the process exits with 0 after a clean shutdown. */
+export async function serveUntilSignalled(config: Config, baseDir: string, logger: Logger): Promise<void> {
+  const running = await startPlugin(config, baseDir, logger);
+  await new Promise<void>((resolve) => {
+    const onSignal = (signal: NodeJS.Signals) => {
+      logger.info({ signal }, 'signal received');
+      process.off('SIGTERM', onSignal);
+      process.off('SIGINT', onSignal);
+      running.stop().then(resolve, (error: unknown) => {
+        logger.error({ err: error }, 'shutdown failed');
+        resolve();
+      });
+    };
+    process.on('SIGTERM', onSignal);
+    process.on('SIGINT', onSignal);
+  });
+}

@@ -1,0 +1,114 @@
+/**
+ * The configuration file's schema. Every field has a default where one is safe; all
+ * durations are milliseconds. `trousseau schema` exports it as JSON Schema for editors.
+ */
+import { z } from 'zod';
+import { backendDefinitions } from '../backends/registry.ts';
+
+const backendSchemas = backendDefinitions.map((d) => d.configSchema);
+const backendSchema = z.discriminatedUnion('type', backendSchemas as unknown as [(typeof backendSchemas)[number], ...(typeof backendSchemas)[number][]]);
+
+const octalMode = z
+  .union([z.string().regex(/^0?[0-7]{3}$/, 'must be an octal file mode such as "0600"'), z.number().int()])
+  .transform((v) => (typeof v === 'number' ? v : parseInt(v, 8)))
+  .refine((v) => (v & 0o007) === 0, 'must not give access to others (last octal digit 0)');
+
+export const configSchema = z
+  .object({
+    socket: z
+      .object({
+        /** Unix socket the apiserver dials (unix://<path> in the EncryptionConfiguration). */
+        path: z.string().min(1).default('/var/run/trousseau/kms.sock'),
+        /** Socket file mode (default "0600"). Use "0660" with `group` to share it. */
+        mode: octalMode.default(0o600),
+        /** Group owning the socket (name or gid). */
+        group: z.string().min(1).optional(),
+      })
+      .strict()
+      .prefault({}),
+    /** Copies an Encrypt needs before it succeeds (1..number of backends). */
+    quorum: z.number().int().min(1).max(16),
+    backends: z
+      .array(backendSchema)
+      .min(1)
+      .max(16)
+      .refine((list) => new Set(list.map((b) => b.name)).size === list.length, 'backend names must be unique'),
+    encrypt: z
+      .object({
+        /** Deadline of a whole Encrypt (default 2000, under the apiserver's 3 s). */
+        deadlineMs: z.number().int().min(50).max(2900).default(2000),
+        /** Wait for slower backends after quorum is reached (default 150). */
+        stragglerGraceMs: z.number().int().min(0).max(2000).default(150),
+      })
+      .strict()
+      .prefault({}),
+    decrypt: z
+      .object({
+        /** Deadline of a whole Decrypt (default 2500, under the apiserver's 3 s). */
+        deadlineMs: z.number().int().min(50).max(2900).default(2500),
+        hedging: z
+          .object({
+            enabled: z.boolean().default(true),
+            /** Lower bound of the adaptive hedge delay (default 20). */
+            minDelayMs: z.number().int().min(1).max(2000).default(20),
+            /** Upper bound of the adaptive hedge delay (default 500). */
+            maxDelayMs: z.number().int().min(1).max(2500).default(500),
+            /** Share of Decrypts that may hedge in steady state (default 0.1). */
+            budgetRatio: z.number().min(0).max(1).default(0.1),
+            /** Hedges allowed in a burst (default 10). */
+            budgetBurst: z.number().int().min(0).max(1000).default(10),
+          })
+          .strict()
+          .prefault({}),
+      })
+      .strict()
+      .prefault({}),
+    breaker: z
+      .object({
+        errorThresholdPercentage: z.number().min(1).max(100).default(50),
+        volumeThreshold: z.number().int().min(1).max(1000).default(5),
+        rollingWindowMs: z.number().int().min(1000).max(600000).default(10000),
+        resetTimeoutMs: z.number().int().min(100).max(600000).default(5000),
+      })
+      .strict()
+      .prefault({}),
+    health: z
+      .object({
+        /** Probe interval while healthy (default 10000). Also how soon a key rotation is seen. */
+        probeIntervalMs: z.number().int().min(100).max(3600000).default(10000),
+        /** First retry after a failed probe; doubles up to maxBackoffMs (defaults 1000 / 30000). */
+        minBackoffMs: z.number().int().min(50).max(600000).default(1000),
+        maxBackoffMs: z.number().int().min(50).max(3600000).default(30000),
+        /** A recovered backend must stay healthy this long before the key_id returns to full (default 60000). */
+        recoverAfterMs: z.number().int().min(0).max(86400000).default(60000),
+      })
+      .strict()
+      .prefault({}),
+    http: z
+      .object({
+        /** host:port for /metrics, /healthz, /readyz. Loopback by default; unset disables it. */
+        listen: z.string().regex(/^(\[[0-9a-fA-F:]+\]|[a-zA-Z0-9.-]+):\d{1,5}$/, 'must be host:port').optional(),
+      })
+      .strict()
+      .prefault({}),
+    log: z
+      .object({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info') })
+      .strict()
+      .prefault({}),
+    shutdown: z
+      .object({
+        /** How long SIGTERM waits for in-flight calls (default 5000). */
+        drainTimeoutMs: z.number().int().min(0).max(60000).default(5000),
+      })
+      .strict()
+      .prefault({}),
+  })
+  .strict()
+  .refine((c) => c.quorum <= c.backends.length, { message: 'quorum cannot exceed the number of backends', path: ['quorum'] })
+  .refine((c) => c.decrypt.hedging.minDelayMs <= c.decrypt.hedging.maxDelayMs, {
+    message: 'minDelayMs must not exceed maxDelayMs',
+    path: ['decrypt', 'hedging', 'minDelayMs'],
+  });
+
+export type Config = z.output<typeof configSchema>;
+export type ConfigInput = z.input<typeof configSchema>;

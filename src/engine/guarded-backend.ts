@@ -1,0 +1,311 @@
+/**
+ * The one enforcement point around every backend call.
+ *
+ * Whatever a backend does, a call through GuardedBackend:
+ * - is refused at once while the backend's circuit breaker is open;
+ * - is aborted when its timeout passes or the caller gives up (the AbortSignal
+ *   reaches the SDK, so abandoned calls do not pile up);
+ * - has its result checked (non-empty, sizes within the envelope's limits);
+ * - is classified: caller errors (the backend rejected the key or the request) do not
+ *   count against the breaker; timeouts, connection errors, 5xx and throttling do;
+ * - records latency, outcome and health for metrics, hedging and the key_id.
+ *
+ * Breakers are opossum with volumeThreshold set (so one failure in a quiet window
+ * does not open it), rolling percentiles off (they grow without bound; LatencyWindow
+ * measures instead) and its own timeout off (ours aborts the call; opossum's would
+ * only stop waiting).
+ */
+import CircuitBreaker from 'opossum';
+import type { Logger } from 'pino';
+import type { KeyBackend, WrapContext, WrappedKey } from '../backends/backend.ts';
+import { TrousseauError, errorCodeOf, type ErrorCode } from '../errors.ts';
+import { DATA_KEY_BYTES, MAX_KEY_VERSION_BYTES, MAX_WRAPPED_BYTES } from '../envelope/limits.ts';
+import type { BackendOperation, BackendOutcome, Metrics } from '../observability/metrics.ts';
+import { LatencyWindow } from './latency.ts';
+
+export interface BreakerSettings {
+  /** Failure percentage in the rolling window that opens the breaker (default 50). */
+  errorThresholdPercentage: number;
+  /** Calls needed in the window before the breaker may open (default 5). */
+  volumeThreshold: number;
+  /** Rolling window length in milliseconds (default 10000). */
+  rollingWindowMs: number;
+  /** Milliseconds an open breaker waits before letting one trial call through (default 5000). */
+  resetTimeoutMs: number;
+}
+
+export interface GuardSettings {
+  timeoutMs: number;
+  priority: number;
+  breaker: BreakerSettings;
+}
+
+export type BreakerState = 'closed' | 'half-open' | 'open';
+
+/** What status, metrics and the key_id know of one backend's health. */
+export interface BackendHealth {
+  name: string;
+  kind: string;
+  priority: number;
+  breaker: BreakerState;
+  /** Result of the last health probe; undefined before the first one finished. */
+  probeOk: boolean | undefined;
+  /** Error class of the last failed call or probe. */
+  lastError: ErrorCode | undefined;
+  lastErrorAt: number | undefined;
+  lastSuccessAt: number | undefined;
+  /** Since when the backend has been healthy without interruption (undefined while unhealthy). */
+  healthySince: number | undefined;
+  keyVersion: string | undefined;
+  latencyMs: { p50: number | undefined; p95: number | undefined; p99: number | undefined };
+}
+
+const OUTCOME_BY_CODE: Partial<Record<ErrorCode, BackendOutcome>> = {
+  BACKEND_REJECTED: 'rejected',
+  BACKEND_UNAVAILABLE: 'unavailable',
+  DEADLINE: 'timeout',
+  BREAKER_OPEN: 'breaker_open',
+  CANCELLED: 'cancelled',
+};
+
+/** Errors that say nothing about the backend's availability. */
+function isCallerError(error: unknown): boolean {
+  const code = errorCodeOf(error);
+  return code === 'BACKEND_REJECTED' || code === 'CANCELLED';
+}
+
+type Action = (signal: AbortSignal) => Promise<unknown>;
+
+export class GuardedBackend {
+  readonly name: string;
+  readonly kind: string;
+  readonly priority: number;
+  readonly latency = new LatencyWindow();
+  private readonly breaker: CircuitBreaker<[Action, AbortSignal], unknown>;
+  private probeOk: boolean | undefined;
+  private lastError: ErrorCode | undefined;
+  private lastErrorAt: number | undefined;
+  private lastSuccessAt: number | undefined;
+  private healthySince: number | undefined;
+  private everUnhealthy = false;
+  private keyVersion: string | undefined;
+  readonly backend: KeyBackend;
+  private readonly settings: GuardSettings;
+  private readonly metrics: Metrics;
+  private readonly logger: Logger;
+  private readonly now: () => number;
+
+  constructor(
+    backend: KeyBackend,
+    settings: GuardSettings,
+    metrics: Metrics,
+    logger: Logger,
+    now: () => number = Date.now,
+  ) {
+    this.backend = backend;
+    this.settings = settings;
+    this.metrics = metrics;
+    this.logger = logger;
+    this.now = now;
+    this.name = backend.name;
+    this.kind = backend.kind;
+    this.priority = settings.priority;
+    this.healthySince = now();
+    this.breaker = new CircuitBreaker((action: Action, signal: AbortSignal) => action(signal), {
+      timeout: false,
+      resetTimeout: settings.breaker.resetTimeoutMs,
+      errorThresholdPercentage: settings.breaker.errorThresholdPercentage,
+      volumeThreshold: settings.breaker.volumeThreshold,
+      rollingCountTimeout: settings.breaker.rollingWindowMs,
+      rollingCountBuckets: 10,
+      rollingPercentilesEnabled: false,
+      errorFilter: isCallerError,
+      name: backend.name,
+    });
+    const setState = (state: BreakerState) => {
+      metrics.breakerState.set({ backend: this.name }, state === 'closed' ? 0 : state === 'half-open' ? 1 : 2);
+      logger.info({ backend: this.name, breaker: state }, 'circuit breaker state changed');
+    };
+    this.breaker.on('open', () => {
+      setState('open');
+      this.markUnhealthy(this.lastError ?? 'BACKEND_UNAVAILABLE');
+    });
+    this.breaker.on('halfOpen', () => setState('half-open'));
+    this.breaker.on('close', () => setState('closed'));
+    metrics.breakerState.set({ backend: this.name }, 0);
+  }
+
+  get breakerState(): BreakerState {
+    if (this.breaker.opened) return 'open';
+    return this.breaker.halfOpen ? 'half-open' : 'closed';
+  }
+
+  /** Worth calling: breaker not open and the last probe did not fail. */
+  get usable(): boolean {
+    return this.breakerState !== 'open' && this.probeOk !== false;
+  }
+
+  /** Healthy without interruption for at least `holdMs` (hysteresis for the key_id). */
+  settledHealthy(holdMs: number): boolean {
+    if (!this.usable || this.healthySince === undefined) return false;
+    return this.everUnhealthy === false || this.now() - this.healthySince >= holdMs;
+  }
+
+  health(): BackendHealth {
+    return {
+      name: this.name,
+      kind: this.kind,
+      priority: this.priority,
+      breaker: this.breakerState,
+      probeOk: this.probeOk,
+      lastError: this.lastError,
+      lastErrorAt: this.lastErrorAt,
+      lastSuccessAt: this.lastSuccessAt,
+      healthySince: this.healthySince,
+      keyVersion: this.keyVersion,
+      latencyMs: { p50: this.latency.percentile(50), p95: this.latency.percentile(95), p99: this.latency.percentile(99) },
+    };
+  }
+
+  /** The key version last reported by the backend (refreshed by the health probe). */
+  get knownKeyVersion(): string | undefined {
+    return this.keyVersion;
+  }
+
+  async wrap(dataKey: Uint8Array, context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
+    const result = await this.call('wrap', (s) => this.backend.wrap(dataKey, context, s), signal, (r) => {
+      if (!(r.wrapped instanceof Uint8Array) || r.wrapped.length < 1 || r.wrapped.length > MAX_WRAPPED_BYTES) return 'wrapped key empty or too large';
+      if (!isValidKeyVersion(r.keyVersion)) return 'key version empty, too long or not printable';
+      return undefined;
+    });
+    this.keyVersion = result.keyVersion;
+    return result;
+  }
+
+  async unwrap(wrapped: Uint8Array, keyVersion: string, context: WrapContext, signal: AbortSignal): Promise<Uint8Array> {
+    return this.call('unwrap', (s) => this.backend.unwrap(wrapped, keyVersion, context, s), signal, (r) =>
+      r instanceof Uint8Array && r.length === DATA_KEY_BYTES ? undefined : 'unwrapped key has the wrong size',
+    );
+  }
+
+  async currentKeyVersion(signal: AbortSignal): Promise<string> {
+    const version = await this.call('key_version', (s) => this.backend.currentKeyVersion(s), signal, (v) =>
+      isValidKeyVersion(v) ? undefined : 'key version empty, too long or not printable',
+    );
+    this.keyVersion = version;
+    return version;
+  }
+
+  /** Record a health probe's result (the calls it made were recorded already). */
+  recordProbe(ok: boolean, error?: unknown): void {
+    this.probeOk = ok;
+    if (ok) this.markHealthy();
+    else this.markUnhealthy(errorCodeOf(error));
+    this.metrics.backendUp.set({ backend: this.name }, ok ? 1 : 0);
+  }
+
+  /** An Encrypt went out without this backend's copy: new envelopes lack it. */
+  recordMissedWrap(): void {
+    this.markUnhealthy(this.lastError ?? 'BACKEND_UNAVAILABLE');
+  }
+
+  async close(): Promise<void> {
+    this.breaker.shutdown();
+    await this.backend.close();
+  }
+
+  private markHealthy(): void {
+    this.healthySince ??= this.now();
+  }
+
+  /**
+   * Only evidence that new envelopes would lack this backend's copy (breaker open,
+   * failed probe, missed wrap) makes it unhealthy; one failed call does not, so a
+   * transient error cannot move the key_id.
+   */
+  private markUnhealthy(code: ErrorCode): void {
+    this.healthySince = undefined;
+    this.everUnhealthy = true;
+    this.lastError = code;
+    this.lastErrorAt = this.now();
+  }
+
+  private async call<T>(operation: BackendOperation, fn: (signal: AbortSignal) => Promise<T>, callerSignal: AbortSignal, check: (result: T) => string | undefined): Promise<T> {
+    const started = performance.now();
+    const timeout = AbortSignal.timeout(this.settings.timeoutMs);
+    const signal = AbortSignal.any([callerSignal, timeout]);
+    const action: Action = async (s) => {
+      const result = await abortable(fn(s), s);
+      const problem = check(result);
+      if (problem) throw new TrousseauError('BACKEND_UNAVAILABLE', `backend ${this.name} returned an invalid result: ${problem}`);
+      return result;
+    };
+    try {
+      const result = (await this.breaker.fire(action, signal)) as T;
+      const elapsed = performance.now() - started;
+      this.latency.record(elapsed);
+      this.metrics.backendLatency.observe({ backend: this.name, operation }, elapsed / 1000);
+      this.metrics.backendRequests.inc({ backend: this.name, operation, outcome: 'success' });
+      this.lastSuccessAt = this.now();
+      this.metrics.lastSuccess.set({ backend: this.name }, this.lastSuccessAt / 1000);
+      return result;
+    } catch (raw) {
+      const error = this.classify(raw, callerSignal, timeout);
+      const outcome = OUTCOME_BY_CODE[error.code] ?? 'unavailable';
+      this.metrics.backendRequests.inc({ backend: this.name, operation, outcome });
+      if (outcome !== 'breaker_open' && outcome !== 'cancelled') {
+        this.metrics.backendLatency.observe({ backend: this.name, operation }, (performance.now() - started) / 1000);
+      }
+      if (outcome !== 'cancelled' && outcome !== 'breaker_open') {
+        this.lastError = error.code;
+        this.lastErrorAt = this.now();
+      }
+      this.logger.debug({ backend: this.name, operation, outcome, code: error.code }, 'backend call failed');
+      throw error;
+    }
+  }
+
+  /** Turn whatever the call threw into a TrousseauError with a safe message. */
+  private classify(raw: unknown, callerSignal: AbortSignal, timeout: AbortSignal): TrousseauError {
+    if ((raw as { code?: unknown }).code === 'EOPENBREAKER') {
+      return new TrousseauError('BREAKER_OPEN', `backend ${this.name} is failing; its circuit breaker is open`);
+    }
+    if (callerSignal.aborted) return new TrousseauError('CANCELLED', `call to backend ${this.name} was abandoned`, { cause: raw });
+    if (timeout.aborted) {
+      return new TrousseauError('DEADLINE', `backend ${this.name} did not answer within ${this.settings.timeoutMs} ms`, { cause: raw });
+    }
+    const code = errorCodeOf(raw);
+    if (code === 'BACKEND_REJECTED' || code === 'BACKEND_UNAVAILABLE') return raw as TrousseauError;
+    // A backend let an unexpected error escape: treat as an outage, keep the raw error out of the message.
+    return new TrousseauError('BACKEND_UNAVAILABLE', `backend ${this.name} failed unexpectedly`, { cause: raw });
+  }
+}
+
+function isValidKeyVersion(v: unknown): v is string {
+  return typeof v === 'string' && v.length >= 1 && v.length <= MAX_KEY_VERSION_BYTES && /^[\x21-\x7e]+$/.test(v);
+}
+
+/**
+ * Settle as soon as `signal` aborts, even if the backend ignores it: the breaker and
+ * the caller must never wait on a backend past its timeout.
+ */
+function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) {
+    promise.catch(() => undefined);
+    return Promise.reject(signal.reason as Error);
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason as Error);
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(value);
+      },
+      (error: Error) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(error);
+      },
+    );
+  });
+}

@@ -1,0 +1,80 @@
+/**
+ * The KMS v2 key_id, and when it changes. docs/design/key-id-and-health.md explains
+ * the reasoning; in short:
+ *
+ * - Full key_id: a hash of the quorum and every configured backend's name, type and
+ *   current key version. Same configuration and keys => same key_id on every
+ *   instance; any key rotation or backend-set change => new key_id, so the
+ *   apiserver makes a new DEK and reports older data stale.
+ * - Partial key_id: while some (but at least quorum) backends are unhealthy, new
+ *   envelopes lack their copies. The key_id then names the healthy set and the
+ *   missing one. Data written meanwhile carries it, so once every backend is healthy
+ *   again the key_id returns to the full one and that data reads as stale: a storage
+ *   migration re-wraps it with every backend.
+ * - Hysteresis: a backend counts as healthy again only after `recoverAfterMs` of
+ *   uninterrupted health, so a flapping backend moves the key_id once, not on every
+ *   flap (no DEK rotation storm).
+ * - Below quorum the key_id is frozen: a change would make the apiserver call an
+ *   Encrypt that cannot succeed, while the apiserver's current DEK keeps writes going.
+ */
+import { createHash } from 'node:crypto';
+import type { Logger } from 'pino';
+import type { Metrics } from '../observability/metrics.ts';
+import type { GuardedBackend } from './guarded-backend.ts';
+
+export const KEY_ID_PREFIX = 'trousseau-v1-';
+
+export interface KeyIdState {
+  keyId: string;
+  partial: boolean;
+  /** Backends whose copies new envelopes may lack. */
+  missing: string[];
+}
+
+function digest(parts: unknown): string {
+  return createHash('sha256').update(JSON.stringify(parts)).digest('hex').slice(0, 40);
+}
+
+export class KeyIdTracker {
+  private last: KeyIdState | undefined;
+  private readonly backends: readonly GuardedBackend[];
+  private readonly quorum: number;
+  private readonly recoverAfterMs: number;
+  private readonly metrics: Metrics;
+  private readonly logger: Logger;
+
+  constructor(
+    backends: readonly GuardedBackend[],
+    quorum: number,
+    recoverAfterMs: number,
+    metrics: Metrics,
+    logger: Logger) {
+    this.backends = backends;
+    this.quorum = quorum;
+    this.recoverAfterMs = recoverAfterMs;
+    this.metrics = metrics;
+    this.logger = logger;
+  }
+
+  current(): KeyIdState {
+    const sorted = [...this.backends].sort((a, b) => (a.name < b.name ? -1 : 1));
+    const healthy = sorted.filter((b) => b.settledHealthy(this.recoverAfterMs) && b.knownKeyVersion !== undefined);
+    const describe = (b: GuardedBackend) => [b.name, b.kind, b.knownKeyVersion];
+    let next: KeyIdState;
+    if (healthy.length === sorted.length) {
+      next = { keyId: KEY_ID_PREFIX + digest(['full', this.quorum, sorted.map(describe)]), partial: false, missing: [] };
+    } else if (healthy.length >= this.quorum || this.last === undefined) {
+      const missing = sorted.filter((b) => !healthy.includes(b)).map((b) => b.name);
+      next = { keyId: `${KEY_ID_PREFIX}${digest(['partial', this.quorum, healthy.map(describe), missing])}-partial`, partial: true, missing };
+    } else {
+      return this.last; // below quorum: frozen, see above
+    }
+    if (next.keyId !== this.last?.keyId) {
+      if (this.last) this.metrics.keyIdChanges.inc();
+      this.logger.info({ keyId: next.keyId, partial: next.partial, missing: next.missing }, 'key_id changed');
+      this.metrics.keyIdDegraded.set(next.partial ? 1 : 0);
+    }
+    this.last = next;
+    return next;
+  }
+}

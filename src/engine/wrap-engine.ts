@@ -1,0 +1,314 @@
+/**
+ * Encrypt with quorum, Decrypt with failover and hedging.
+ *
+ * Encrypt: a fresh data key is wrapped by every usable backend in parallel under one
+ * deadline. As soon as `quorum` copies exist we wait a short grace for stragglers,
+ * then abandon the rest, so latency tracks the quorum-th fastest backend, never the
+ * sum. Below quorum nothing is returned: Unavailable.
+ *
+ * Decrypt: the envelope's copies that belong to configured backends are ordered by
+ * priority, health and latency. The best is started; the next is started at once if
+ * it fails, or after a hedge delay (about that backend's p95) if it is slow, within
+ * a hedge budget. The first key that passes the envelope's key commitment wins and
+ * the other calls are aborted.
+ */
+import type { Logger } from 'pino';
+import { TrousseauError, errorCodeOf, type ErrorCode } from '../errors.ts';
+import { matchesCommitment, newDataKey, newEnvelopeId, openPayload, sealEnvelope } from '../envelope/crypto.ts';
+import { parseEnvelope, type CopyEntry, type ParsedEnvelope } from '../envelope/format.ts';
+import { placeCopies, type Transport, type WrappedCopy } from '../envelope/placement.ts';
+import type { Metrics } from '../observability/metrics.ts';
+import type { GuardedBackend } from './guarded-backend.ts';
+import { HedgeBudget } from './hedge-budget.ts';
+
+export interface EngineSettings {
+  /** Copies an Encrypt needs. */
+  quorum: number;
+  /** Whole-Encrypt deadline in milliseconds. */
+  encryptDeadlineMs: number;
+  /** How long to wait for the remaining backends once quorum is reached. */
+  stragglerGraceMs: number;
+  /** Whole-Decrypt deadline in milliseconds. */
+  decryptDeadlineMs: number;
+  hedging: {
+    enabled: boolean;
+    /** Bounds of the adaptive hedge delay in milliseconds. */
+    minDelayMs: number;
+    maxDelayMs: number;
+    /** Steady-state hedges per Decrypt (0.1 = 10 %). */
+    budgetRatio: number;
+    budgetBurst: number;
+  };
+}
+
+export interface EncryptResult {
+  ciphertext: Buffer;
+  annotations: Map<string, Uint8Array>;
+  /** Backends that wrapped the key. */
+  wrappedBy: string[];
+  /** Configured backends whose copy is missing. */
+  missing: string[];
+}
+
+export interface DecryptResult {
+  plaintext: Buffer;
+  /** Backend whose copy opened the envelope. */
+  unwrappedBy: string;
+  formatVersion: number;
+}
+
+/** The payload failed to open under a committed key: the envelope itself was altered. */
+class EnvelopeAlteredError extends Error {
+  readonly original: TrousseauError;
+
+  constructor(original: TrousseauError) {
+    super(original.message);
+    this.original = original;
+  }
+}
+
+// Abort reasons are shared: the abort is routine, and an Error per call costs a stack trace.
+const ANOTHER_COPY_WON = new TrousseauError('CANCELLED', 'another copy won');
+const ENCRYPT_FINISHED = new TrousseauError('CANCELLED', 'encrypt finished');
+
+const BREAKER_RANK = { closed: 0, 'half-open': 1, open: 2 } as const;
+
+export class WrapEngine {
+  private readonly byName: Map<string, GuardedBackend>;
+  private readonly hedgeBudget: HedgeBudget;
+  private readonly backends: readonly GuardedBackend[];
+  private readonly settings: EngineSettings;
+  private readonly metrics: Metrics;
+  private readonly logger: Logger;
+
+  constructor(
+    backends: readonly GuardedBackend[],
+    settings: EngineSettings,
+    metrics: Metrics,
+    logger: Logger) {
+    this.backends = backends;
+    this.settings = settings;
+    this.metrics = metrics;
+    this.logger = logger;
+    this.byName = new Map(backends.map((b) => [b.name, b]));
+    this.hedgeBudget = new HedgeBudget(settings.hedging.budgetRatio, settings.hedging.budgetBurst);
+  }
+
+  async encrypt(plaintext: Uint8Array, transport: Transport, callerSignal: AbortSignal): Promise<EncryptResult> {
+    const dataKey = newDataKey();
+    const envelopeId = newEnvelopeId();
+    try {
+      const copies = await this.wrapWithQuorum(dataKey, envelopeId, callerSignal);
+      const placement = placeCopies(copies, plaintext.length, transport);
+      const ciphertext = sealEnvelope({
+        dataKey,
+        envelopeId,
+        quorum: this.settings.quorum,
+        configuredBackends: this.backends.length,
+        copies: placement.copies,
+        plaintext,
+      });
+      const wrappedBy = copies.map((c) => c.backendName);
+      const missing = this.backends.filter((b) => !wrappedBy.includes(b.name));
+      for (const backend of missing) backend.recordMissedWrap();
+      this.metrics.encryptWraps.observe(copies.length);
+      if (missing.length > 0) this.metrics.underWrapped.inc();
+      return { ciphertext, annotations: placement.annotations, wrappedBy, missing: missing.map((b) => b.name) };
+    } finally {
+      dataKey.fill(0);
+    }
+  }
+
+  private wrapWithQuorum(dataKey: Buffer, envelopeId: Buffer, callerSignal: AbortSignal): Promise<WrappedCopy[]> {
+    const { quorum, encryptDeadlineMs, stragglerGraceMs } = this.settings;
+    // Skip backends known to be down; if that leaves too few, try them all anyway:
+    // a breaker refuses instantly, and a recovered backend may answer.
+    const usable = this.backends.filter((b) => b.usable);
+    const candidates = usable.length >= quorum ? usable : this.backends;
+    const abandon = new AbortController();
+    const signal = AbortSignal.any([callerSignal, abandon.signal, AbortSignal.timeout(encryptDeadlineMs)]);
+
+    return new Promise<WrappedCopy[]>((resolve, reject) => {
+      const copies: WrappedCopy[] = [];
+      const errors: { backend: string; code: ErrorCode }[] = [];
+      let settled = 0;
+      let graceTimer: NodeJS.Timeout | undefined;
+      let done = false;
+
+      const finish = () => {
+        if (done) return;
+        done = true;
+        clearTimeout(graceTimer);
+        abandon.abort(ENCRYPT_FINISHED);
+        if (copies.length >= quorum) {
+          // Header order follows the configuration, not arrival, so envelopes are comparable.
+          const order = new Map(this.backends.map((b, i) => [b.name, i]));
+          copies.sort((a, b) => order.get(a.backendName)! - order.get(b.backendName)!);
+          resolve(copies);
+        } else {
+          const detail = errors.map((e) => `${e.backend}: ${e.code}`).join(', ');
+          reject(new TrousseauError('QUORUM_NOT_MET', `only ${copies.length} of ${quorum} required backends wrapped the key (${detail || 'none reachable'})`));
+        }
+      };
+
+      signal.addEventListener('abort', finish, { once: true });
+      for (const backend of candidates) {
+        backend.wrap(dataKey, { envelopeId, backendName: backend.name }, signal).then(
+          ({ wrapped, keyVersion }) => {
+            if (done) return;
+            copies.push({ backendName: backend.name, keyVersion, wrapped });
+            if (copies.length === quorum && stragglerGraceMs > 0 && candidates.length > quorum) {
+              graceTimer = setTimeout(finish, stragglerGraceMs);
+            }
+          },
+          (error: unknown) => {
+            if (!done) errors.push({ backend: backend.name, code: errorCodeOf(error) });
+          },
+        ).finally(() => {
+          settled++;
+          if (settled === candidates.length || (copies.length >= quorum && stragglerGraceMs === 0)) finish();
+        });
+      }
+    });
+  }
+
+  async decrypt(ciphertext: Uint8Array, annotations: ReadonlyMap<string, Uint8Array>, callerSignal: AbortSignal): Promise<DecryptResult> {
+    // Parsing checks every length and costs no backend call: malformed input ends here.
+    const envelope = parseEnvelope(ciphertext, annotations);
+    const candidates = this.orderCopies(envelope.copies);
+    if (candidates.length === 0) {
+      throw new TrousseauError('INVALID_INPUT', 'no wrapped copy in this envelope belongs to a configured backend');
+    }
+    this.hedgeBudget.earn();
+    const result = await this.raceUnwrap(envelope, candidates, callerSignal);
+    this.metrics.envelopesRead.inc({ format_version: String(envelope.formatVersion) });
+    return result;
+  }
+
+  /** Copies we may try, best first. Only configured backends are ever called. */
+  private orderCopies(copies: readonly CopyEntry[]): { copy: CopyEntry & { wrapped: Uint8Array }; backend: GuardedBackend }[] {
+    const usable = [];
+    for (const copy of copies) {
+      const backend = this.byName.get(copy.backendName);
+      if (backend && copy.wrapped) usable.push({ copy: copy as CopyEntry & { wrapped: Uint8Array }, backend });
+    }
+    return usable.sort((a, b) => {
+      const x = a.backend;
+      const y = b.backend;
+      return (
+        x.priority - y.priority ||
+        BREAKER_RANK[x.breakerState] - BREAKER_RANK[y.breakerState] ||
+        (x.usable === y.usable ? 0 : x.usable ? -1 : 1) ||
+        (x.latency.percentile(50) ?? Infinity) - (y.latency.percentile(50) ?? Infinity)
+      );
+    });
+  }
+
+  private hedgeDelay(backend: GuardedBackend): number {
+    const { minDelayMs, maxDelayMs } = this.settings.hedging;
+    const p95 = backend.latency.size >= 20 ? backend.latency.percentile(95)! : maxDelayMs;
+    return Math.min(maxDelayMs, Math.max(minDelayMs, p95));
+  }
+
+  private raceUnwrap(
+    envelope: ParsedEnvelope,
+    candidates: readonly { copy: CopyEntry & { wrapped: Uint8Array }; backend: GuardedBackend }[],
+    callerSignal: AbortSignal,
+  ): Promise<DecryptResult> {
+    const won = new AbortController();
+    const signal = AbortSignal.any([callerSignal, won.signal, AbortSignal.timeout(this.settings.decryptDeadlineMs)]);
+    const failures: { backend: string; code: ErrorCode }[] = [];
+
+    return new Promise<DecryptResult>((resolve, reject) => {
+      let next = 0;
+      let running = 0;
+      let done = false;
+      let hedgeTimer: NodeJS.Timeout | undefined;
+
+      const settle = (outcome: { result: DecryptResult } | { error: TrousseauError }) => {
+        if (done) return;
+        done = true;
+        clearTimeout(hedgeTimer);
+        signal.removeEventListener('abort', onAbort);
+        won.abort(ANOTHER_COPY_WON);
+        if ('result' in outcome) resolve(outcome.result);
+        else reject(outcome.error);
+      };
+
+      const allFailed = () => {
+        const detail = failures.map((f) => `${f.backend}: ${f.code}`).join(', ');
+        // Every copy refused for a reason retrying cannot fix => the envelope is the problem.
+        const permanent = failures.length > 0 && failures.every((f) => f.code === 'BACKEND_REJECTED' || f.code === 'TAMPERED');
+        const code: ErrorCode = permanent ? (failures.some((f) => f.code === 'TAMPERED') ? 'TAMPERED' : 'BACKEND_REJECTED') : 'NO_COPY_UNWRAPPED';
+        settle({ error: new TrousseauError(code, `no wrapped copy could be unwrapped (${detail})`) });
+      };
+
+      const onAbort = () => {
+        if (callerSignal.aborted) settle({ error: new TrousseauError('CANCELLED', 'client cancelled the call') });
+        else {
+          failures.push(...candidates.slice(next).map((c) => ({ backend: c.backend.name, code: 'DEADLINE' as const })));
+          settle({ error: new TrousseauError('DEADLINE', `decrypt did not finish within ${this.settings.decryptDeadlineMs} ms (${failures.map((f) => `${f.backend}: ${f.code}`).join(', ')})`) });
+        }
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+
+      const launch = (reason: 'first' | 'failover' | 'hedge') => {
+        if (done || next >= candidates.length) return;
+        const { copy, backend } = candidates[next++]!;
+        running++;
+        if (reason === 'failover') this.metrics.decryptFailovers.inc();
+        const isHedge = reason === 'hedge';
+        clearTimeout(hedgeTimer);
+        // Schedule a hedge behind this attempt if there is another copy to try.
+        if (this.settings.hedging.enabled && next < candidates.length) {
+          hedgeTimer = setTimeout(() => {
+            if (!done && this.hedgeBudget.trySpend()) {
+              this.metrics.decryptHedges.inc();
+              launch('hedge');
+            }
+          }, this.hedgeDelay(backend));
+          hedgeTimer.unref();
+        }
+        this.attempt(envelope, copy, backend, signal).then(
+          (plaintext) => {
+            if (isHedge && !done) this.metrics.decryptHedgesWon.inc();
+            settle({ result: { plaintext, unwrappedBy: backend.name, formatVersion: envelope.formatVersion } });
+          },
+          (error: unknown) => {
+            running--;
+            if (done) return;
+            const code = errorCodeOf(error);
+            if (error instanceof EnvelopeAlteredError) {
+              // The key was right (commitment passed) but the payload does not open: no copy can help.
+              settle({ error: error.original });
+              return;
+            }
+            failures.push({ backend: backend.name, code });
+            if (next < candidates.length) launch('failover');
+            else if (running === 0) allFailed();
+          },
+        );
+      };
+      launch('first');
+    });
+  }
+
+  /** Unwrap one copy, check the commitment in constant time, then open the payload. */
+  private async attempt(envelope: ParsedEnvelope, copy: CopyEntry & { wrapped: Uint8Array }, backend: GuardedBackend, signal: AbortSignal): Promise<Buffer> {
+    const dataKey = await backend.unwrap(copy.wrapped, copy.keyVersion, { envelopeId: envelope.envelopeId, backendName: backend.name }, signal);
+    try {
+      if (!matchesCommitment(dataKey, envelope)) {
+        this.metrics.commitmentMismatches.inc({ backend: backend.name });
+        this.logger.warn({ backend: backend.name }, 'unwrapped key does not match the envelope commitment: copy tampered with');
+        throw new TrousseauError('TAMPERED', `copy from ${backend.name} wraps a different key`);
+      }
+      try {
+        return openPayload(envelope, dataKey);
+      } catch (error) {
+        throw new EnvelopeAlteredError(error as TrousseauError);
+      }
+    } finally {
+      dataKey.fill(0);
+    }
+  }
+}

@@ -1,0 +1,22 @@
+/** What the gRPC layer needs from the plugin: the KMS operations, nothing about backends. */
+import type { Transport } from '../envelope/placement.ts';
+
+export interface KmsStatus {
+  healthz: 'ok';
+  keyId: string;
+}
+
+export interface KmsEncrypted {
+  ciphertext: Buffer;
+  annotations: Map<string, Uint8Array>;
+  keyId: string;
+}
+
+export interface KmsCore {
+  /** Throws (-> a gRPC error) when no backend can serve, so the apiserver stops rotating. */
+  status(): KmsStatus;
+  encrypt(plaintext: Buffer, transport: Transport, signal: AbortSignal, uid?: string): Promise<KmsEncrypted>;
+  decrypt(ciphertext: Buffer, annotations: ReadonlyMap<string, Uint8Array>, signal: AbortSignal, uid?: string): Promise<Buffer>;
+  /** Detailed status for `trousseau status` (no secrets). */
+  describe(): unknown;
+}

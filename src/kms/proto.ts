@@ -1,0 +1,23 @@
+/** Loads the .proto files once; used by the server and by the CLI's client. */
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+
+const protoDir = path.join(path.dirname(fileURLToPath(import.meta.url)), 'proto');
+
+const LOADER_OPTIONS: protoLoader.Options = { keepCase: true, longs: String, enums: String, defaults: true, oneofs: true };
+
+function load(file: string): grpc.GrpcObject {
+  return grpc.loadPackageDefinition(protoLoader.loadSync(path.join(protoDir, file), LOADER_OPTIONS));
+}
+
+type ServiceClientCtor = grpc.ServiceClientConstructor;
+
+const v2 = load('v2.proto').v2 as grpc.GrpcObject;
+const v1beta1 = load('v1beta1.proto').v1beta1 as grpc.GrpcObject;
+const admin = ((load('admin.proto').trousseau as grpc.GrpcObject).admin as grpc.GrpcObject).v1 as grpc.GrpcObject;
+
+export const V2Service = v2.KeyManagementService as ServiceClientCtor;
+export const V1Service = v1beta1.KeyManagementService as ServiceClientCtor;
+export const AdminService = admin.Admin as ServiceClientCtor;

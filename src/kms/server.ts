@@ -1,0 +1,64 @@
+/**
+ * The gRPC server: KMS v2, KMS v1beta1 and the admin API on one unix socket.
+ */
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import type { Metrics } from '../observability/metrics.ts';
+import type { KmsCore } from './core.ts';
+import { AdminService, V1Service, V2Service } from './proto.ts';
+import { adminHandlers, v1Handlers, v2Handlers, type HandlerContext } from './services.ts';
+import { bindPrivately, prepareSocketPath, removeSocket, type SocketSettings } from './socket.ts';
+
+/** Largest request accepted: the biggest envelope plus annotations, with room to spare. */
+const MAX_MESSAGE_BYTES = 256 * 1024;
+
+export class KmsServer {
+  private readonly server = new grpc.Server({
+    'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+    'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  });
+  private readonly context: HandlerContext;
+  private readonly socket: SocketSettings;
+  private readonly logger: Logger;
+
+  constructor(core: KmsCore, socket: SocketSettings, metrics: Metrics, logger: Logger) {
+    this.socket = socket;
+    this.logger = logger;
+    this.context = { core, metrics, logger, inFlight: new Set() };
+    this.server.addService(V2Service.service, v2Handlers(this.context));
+    this.server.addService(V1Service.service, v1Handlers(this.context));
+    this.server.addService(AdminService.service, adminHandlers(this.context));
+  }
+
+  async start(): Promise<void> {
+    await prepareSocketPath(this.socket.path);
+    await bindPrivately(
+      this.socket,
+      () =>
+        new Promise<number>((resolve, reject) => {
+          this.server.bindAsync(`unix:${this.socket.path}`, grpc.ServerCredentials.createInsecure(), (error, port) =>
+            error ? reject(error) : resolve(port),
+          );
+        }),
+    );
+    this.logger.info({ socket: this.socket.path, mode: this.socket.mode.toString(8) }, 'serving KMS v2 and v1beta1');
+  }
+
+  /**
+   * Stop accepting calls, let in-flight calls finish for at most `drainMs`, then cut
+   * the rest and remove the socket.
+   */
+  async stop(drainMs: number): Promise<void> {
+    const drained = new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
+    const timer = new Promise<'timeout'>((resolve) => setTimeout(() => resolve('timeout'), drainMs).unref());
+    if ((await Promise.race([drained, timer])) === 'timeout') {
+      this.logger.warn({ inFlight: this.context.inFlight.size }, 'drain timed out; cancelling remaining calls');
+      this.server.forceShutdown();
+    }
+    await removeSocket(this.socket.path);
+  }
+
+  get inFlight(): number {
+    return this.context.inFlight.size;
+  }
+}

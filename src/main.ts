@@ -1,0 +1,195 @@
+/**
+ * The `trousseau` command line. Each subcommand is a thin layer over the modules it
+ * names; `serve` is the only one that starts the plugin.
+ */
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { Command, Option } from 'commander';
+import { addKeyToFile, generateKeyFile } from './backends/local.ts';
+import { configJsonSchema, loadConfigFile } from './config/load.ts';
+import { parseEnvelope } from './envelope/format.ts';
+import { isTrousseauError } from './errors.ts';
+import { call, clientsFor } from './cli/client.ts';
+import { devConfig, prepareDevKeys } from './cli/dev-config.ts';
+import { formatEnvelopeDocument, parseEnvelopeDocument } from './cli/envelope-document.ts';
+import { serveUntilSignalled } from './cli/serve.ts';
+import { renderStatus, type StatusDocument } from './cli/status-view.ts';
+import type * as T from './kms/types.ts';
+import { PLUGIN_VERSION } from './kms/services.ts';
+import { createLogger } from './observability/logger.ts';
+
+const DEFAULT_SOCKET = '/var/run/trousseau/kms.sock';
+
+async function readStdin(): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
+const program = new Command()
+  .name('trousseau')
+  .description('Kubernetes KMS plugin that wraps every data key with several key-management backends')
+  .version(PLUGIN_VERSION)
+  .showHelpAfterError();
+
+program
+  .command('serve')
+  .description('serve KMS v2 and v1beta1 on a unix socket')
+  .option('-c, --config <file>', 'configuration file (YAML)')
+  .option('--dev', 'embedded default: three local key backends in --data-dir, quorum 2')
+  .option('--socket <path>', 'unix socket path (overrides the configuration)')
+  .option('--data-dir <dir>', 'with --dev: folder of the key files', './trousseau-data')
+  .option('--http-listen <host:port>', 'address for /metrics, /healthz, /readyz (overrides the configuration)')
+  .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
+  .action(async (options: { config?: string; dev?: boolean; socket?: string; dataDir: string; httpListen?: string; logLevel?: string }) => {
+    if (options.dev === Boolean(options.config)) throw new Error('give exactly one of --config FILE or --dev');
+    let config;
+    let baseDir: string;
+    if (options.dev) {
+      const dataDir = path.resolve(options.dataDir);
+      config = devConfig(dataDir, path.resolve(options.socket ?? path.join(dataDir, 'kms.sock')), options);
+      baseDir = dataDir;
+      await prepareDevKeys(dataDir, createLogger(config.log.level));
+    } else {
+      const loaded = await loadConfigFile(options.config!);
+      config = loaded.config;
+      baseDir = loaded.baseDir;
+      if (options.socket) config.socket.path = path.resolve(options.socket);
+      if (options.httpListen) config.http.listen = options.httpListen;
+      if (options.logLevel) config.log.level = options.logLevel as typeof config.log.level;
+    }
+    const logger = createLogger(config.log.level);
+    await serveUntilSignalled(config, baseDir, logger);
+  });
+
+program
+  .command('validate')
+  .description('check a configuration file and exit')
+  .requiredOption('-c, --config <file>', 'configuration file (YAML)')
+  .action(async (options: { config: string }) => {
+    const { config } = await loadConfigFile(options.config);
+    console.log(`${options.config}: valid (${config.backends.length} backends: ${config.backends.map((b) => `${b.name}/${b.type}`).join(', ')}; quorum ${config.quorum})`);
+  });
+
+program
+  .command('keygen')
+  .description('create a local AES-256 key file (mode 0600); --rotate adds a new current key to an existing file')
+  .argument('<file>', 'key file to create')
+  .option('--rotate', 'add a new current key to FILE, keeping the older keys for unwrapping')
+  .action(async (file: string, options: { rotate?: boolean }) => {
+    const version = options.rotate ? await addKeyToFile(file) : await generateKeyFile(file);
+    console.log(`${file}: ${options.rotate ? 'rotated to' : 'created'} key version ${version}`);
+  });
+
+program
+  .command('schema')
+  .description('print the configuration JSON Schema')
+  .action(() => {
+    console.log(JSON.stringify(configJsonSchema(), null, 2));
+  });
+
+const socketOption = () => new Option('-s, --socket <path>', 'plugin socket').default(DEFAULT_SOCKET);
+
+program
+  .command('status')
+  .description('ask a running plugin for its key_id and each backend\'s health')
+  .addOption(socketOption())
+  .option('--json', 'print JSON')
+  .option('--watch [seconds]', 'refresh every N seconds (default 2)')
+  .action(async (options: { socket: string; json?: boolean; watch?: string | boolean }) => {
+    const clients = clientsFor(options.socket);
+    try {
+      const show = async () => {
+        const response = await call<object, T.AdminStatusResponse>(clients.admin, 'Status', {});
+        const status = JSON.parse(response.status_json) as StatusDocument;
+        return options.json ? JSON.stringify(status, null, 2) : renderStatus(status);
+      };
+      if (!options.watch) {
+        console.log(await show());
+        return;
+      }
+      const seconds = typeof options.watch === 'string' ? Number(options.watch) : 2;
+      for (;;) {
+        const text = await show().catch((error: unknown) => `status unavailable: ${(error as Error).message}`);
+        process.stdout.write(`\x1b[2J\x1b[H${new Date().toISOString()}\n${text}\n`);
+        await new Promise((r) => setTimeout(r, seconds * 1000));
+      }
+    } finally {
+      clients.close();
+    }
+  });
+
+program
+  .command('encrypt')
+  .description('encrypt stdin through a running plugin (KMS v2) and print the envelope as JSON')
+  .addOption(socketOption())
+  .action(async (options: { socket: string }) => {
+    const clients = clientsFor(options.socket);
+    try {
+      const response = await call<T.V2EncryptRequest, T.V2EncryptResponse>(clients.v2, 'Encrypt', { plaintext: await readStdin(), uid: 'cli' });
+      console.log(formatEnvelopeDocument(response.ciphertext, response.key_id, response.annotations));
+    } finally {
+      clients.close();
+    }
+  });
+
+program
+  .command('decrypt')
+  .description('decrypt an envelope JSON document (from `encrypt`) read on stdin; writes the plaintext to stdout')
+  .addOption(socketOption())
+  .action(async (options: { socket: string }) => {
+    const doc = parseEnvelopeDocument((await readStdin()).toString('utf8'));
+    const clients = clientsFor(options.socket);
+    try {
+      const response = await call<T.V2DecryptRequest, T.V2DecryptResponse>(clients.v2, 'Decrypt', {
+        ciphertext: doc.ciphertext,
+        uid: 'cli',
+        key_id: doc.keyId,
+        annotations: doc.annotations,
+      });
+      process.stdout.write(response.plaintext);
+    } finally {
+      clients.close();
+    }
+  });
+
+program
+  .command('inspect')
+  .description('describe an envelope read on stdin (format version, which backends wrapped it); shows no secret')
+  .argument('[file]', 'file holding the envelope JSON or base64 (default: stdin)')
+  .action(async (file?: string) => {
+    const text = file ? await readFile(file, 'utf8') : (await readStdin()).toString('utf8');
+    const doc = parseEnvelopeDocument(text);
+    const envelope = parseEnvelope(doc.ciphertext, new Map(Object.entries(doc.annotations)));
+    console.log(
+      JSON.stringify(
+        {
+          formatVersion: envelope.formatVersion,
+          keyId: doc.keyId || undefined,
+          envelopeId: Buffer.from(envelope.envelopeId).toString('hex'),
+          quorum: envelope.quorum,
+          backendsAtWrite: envelope.configuredBackends,
+          ciphertextBytes: doc.ciphertext.length,
+          copies: envelope.copies.map((c) => ({
+            backend: c.backendName,
+            keyVersion: c.keyVersion,
+            location: c.location,
+            wrappedBytes: c.wrappedLength,
+            present: c.wrapped !== undefined,
+          })),
+        },
+        null,
+        2,
+      ),
+    );
+  });
+
+try {
+  await program.parseAsync(process.argv);
+} catch (error) {
+  // Errors we raise are written to be shown; anything else gets no stack on a terminal unless asked.
+  const message = isTrousseauError(error) || error instanceof Error ? error.message : String(error);
+  console.error(`trousseau: ${message}`);
+  if (process.env.TROUSSEAU_DEBUG && error instanceof Error) console.error(error.stack);
+  process.exitCode = 1;
+}

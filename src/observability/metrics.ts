@@ -1,0 +1,138 @@
+/**
+ * Prometheus metrics. Every metric lives in a registry owned by one plugin instance
+ * (tests run several). Labels carry only bounded values: backend names from the
+ * configuration, fixed operation and outcome words, gRPC code names. Never error
+ * text, key ids of envelopes, or anything from a request.
+ */
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+export type BackendOperation = 'wrap' | 'unwrap' | 'key_version';
+export type BackendOutcome = 'success' | 'rejected' | 'unavailable' | 'timeout' | 'breaker_open' | 'cancelled' | 'invalid_result';
+
+export class Metrics {
+  readonly registry = new Registry();
+
+  readonly backendRequests = new Counter({
+    name: 'trousseau_backend_requests_total',
+    help: 'Calls to key-management backends by operation and outcome.',
+    labelNames: ['backend', 'operation', 'outcome'] as const,
+    registers: [this.registry],
+  });
+
+  readonly backendLatency = new Histogram({
+    name: 'trousseau_backend_request_duration_seconds',
+    help: 'Latency of backend calls that reached the backend.',
+    labelNames: ['backend', 'operation'] as const,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+    registers: [this.registry],
+  });
+
+  readonly breakerState = new Gauge({
+    name: 'trousseau_backend_breaker_state',
+    help: 'Circuit breaker state per backend: 0 closed, 1 half-open, 2 open.',
+    labelNames: ['backend'] as const,
+    registers: [this.registry],
+  });
+
+  readonly backendUp = new Gauge({
+    name: 'trousseau_backend_up',
+    help: '1 when the backend\'s last health probe (wrap and unwrap of a canary) succeeded.',
+    labelNames: ['backend'] as const,
+    registers: [this.registry],
+  });
+
+  readonly lastSuccess = new Gauge({
+    name: 'trousseau_backend_last_success_timestamp_seconds',
+    help: 'Unix time of the backend\'s last successful call.',
+    labelNames: ['backend'] as const,
+    registers: [this.registry],
+  });
+
+  readonly kmsRequests = new Counter({
+    name: 'trousseau_kms_requests_total',
+    help: 'KMS gRPC calls by API, method and gRPC status code.',
+    labelNames: ['api', 'method', 'code'] as const,
+    registers: [this.registry],
+  });
+
+  readonly kmsLatency = new Histogram({
+    name: 'trousseau_kms_request_duration_seconds',
+    help: 'Latency of KMS gRPC calls as the apiserver sees them.',
+    labelNames: ['api', 'method'] as const,
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+    registers: [this.registry],
+  });
+
+  readonly encryptWraps = new Histogram({
+    name: 'trousseau_encrypt_wrapped_copies',
+    help: 'Wrapped copies written per successful Encrypt.',
+    buckets: [1, 2, 3, 4, 5, 6, 8, 12, 16],
+    registers: [this.registry],
+  });
+
+  readonly underWrapped = new Counter({
+    name: 'trousseau_encrypt_under_wrapped_total',
+    help: 'Successful Encrypts that reached quorum but lack a copy from at least one configured backend.',
+    registers: [this.registry],
+  });
+
+  readonly configuredBackends = new Gauge({
+    name: 'trousseau_configured_backends',
+    help: 'Backends in the configuration.',
+    registers: [this.registry],
+  });
+
+  readonly quorum = new Gauge({
+    name: 'trousseau_encrypt_quorum',
+    help: 'Wrapped copies an Encrypt needs to succeed.',
+    registers: [this.registry],
+  });
+
+  readonly decryptFailovers = new Counter({
+    name: 'trousseau_decrypt_failovers_total',
+    help: 'Decrypts that needed another copy after the first choice failed.',
+    registers: [this.registry],
+  });
+
+  readonly decryptHedges = new Counter({
+    name: 'trousseau_decrypt_hedges_total',
+    help: 'Speculative unwraps started because the copy being tried was slow.',
+    registers: [this.registry],
+  });
+
+  readonly decryptHedgesWon = new Counter({
+    name: 'trousseau_decrypt_hedges_won_total',
+    help: 'Speculative unwraps that answered first.',
+    registers: [this.registry],
+  });
+
+  readonly commitmentMismatches = new Counter({
+    name: 'trousseau_decrypt_commitment_mismatches_total',
+    help: 'Unwrapped keys that failed the envelope\'s key commitment (tampering).',
+    labelNames: ['backend'] as const,
+    registers: [this.registry],
+  });
+
+  readonly keyIdChanges = new Counter({
+    name: 'trousseau_key_id_changes_total',
+    help: 'Changes of the key_id reported in Status.',
+    registers: [this.registry],
+  });
+
+  readonly keyIdDegraded = new Gauge({
+    name: 'trousseau_key_id_partial',
+    help: '1 while the key_id names a partial backend set (new envelopes lack some backends).',
+    registers: [this.registry],
+  });
+
+  readonly envelopesRead = new Counter({
+    name: 'trousseau_envelopes_decrypted_total',
+    help: 'Envelopes decrypted, by envelope format version.',
+    labelNames: ['format_version'] as const,
+    registers: [this.registry],
+  });
+
+  constructor(options: { processMetrics?: boolean } = {}) {
+    if (options.processMetrics) collectDefaultMetrics({ register: this.registry, prefix: 'trousseau_' });
+  }
+}
