@@ -4,9 +4,10 @@
  */
 import type { z } from 'zod';
 import type { BackendDefinition } from './definition.ts';
+import { awsBackend } from './aws.ts';
 import { localBackend } from './local.ts';
 
-export const backendDefinitions = [localBackend] as const;
+export const backendDefinitions = [localBackend, awsBackend] as const;
 
 export type BackendConfig = z.output<(typeof backendDefinitions)[number]['configSchema']>;
 

@@ -1,0 +1,389 @@
+/**
+ * AWS KMS backend: Encrypt/Decrypt of the data key under one symmetric KMS key.
+ *
+ * Credentials come only from the AWS SDK's default chain (environment, shared
+ * config/profile, web identity/IRSA, EKS Pod Identity, IMDS), optionally exchanged
+ * for a role with `assumeRole`. The EncryptionContext binds every copy to its
+ * envelope and backend name; Decrypt always names the configured key (never KMS's
+ * "discovery" of the key from the ciphertext) and the key KMS reports having used is
+ * checked again. See docs/backends/aws.md.
+ */
+import {
+  DecryptCommand,
+  DescribeKeyCommand,
+  EncryptCommand,
+  KMSClient,
+  type KeyMetadata,
+} from '@aws-sdk/client-kms';
+import { fromTemporaryCredentials } from '@aws-sdk/credential-providers';
+import { z } from 'zod';
+import { TrousseauError } from '../errors.ts';
+import { contextMap, type KeyBackend, type WrapContext, type WrappedKey } from './backend.ts';
+import { commonBackendFields, type BackendDefinition } from './definition.ts';
+
+const ARN_PATTERN = /^arn:aws(?:-[a-z]+)*:kms:([a-z0-9-]+):(\d{12}):(key|alias)\/[A-Za-z0-9/_+=.@:-]+$/;
+const KEY_ARN_PATTERN = /^arn:aws(?:-[a-z]+)*:kms:([a-z0-9-]+):(\d{12}):key\/[A-Za-z0-9-]+$/;
+const REGION_PATTERN = /^[a-z]{2}(?:-[a-z]+)+-\d{1,2}$/;
+
+/** Region named by a KMS ARN, or undefined for an alias name or bare key id. */
+function arnRegion(id: string): string | undefined {
+  return ARN_PATTERN.exec(id)?.[1];
+}
+
+export const awsConfigSchema = z
+  .object({
+    ...commonBackendFields,
+    type: z.literal('aws'),
+    /** Key ARN, alias ARN, alias name ("alias/x") or key id of a symmetric ENCRYPT_DECRYPT key. */
+    keyId: z
+      .string()
+      .refine(
+        (id) => ARN_PATTERN.test(id) || /^alias\/[A-Za-z0-9/_-]{1,250}$/.test(id) || /^(mrk-)?[0-9a-f-]{32,36}$/i.test(id),
+        'must be a KMS key ARN, an alias ARN, an alias name ("alias/...") or a key id',
+      ),
+    /** Region of the key (and of the KMS endpoint the calls go to). */
+    region: z.string().regex(REGION_PATTERN, 'must be an AWS region such as eu-west-1'),
+    /** Override of the KMS endpoint for `region` (a VPC interface endpoint, a FIPS endpoint, a test server). */
+    endpoint: z.url({ protocol: /^https?$/ }).optional(),
+    /** Assume this role (from the default-chain credentials) before calling KMS. */
+    assumeRole: z
+      .object({
+        roleArn: z.string().regex(/^arn:aws(?:-[a-z]+)*:iam::\d{12}:role\/[\w+=,.@/-]+$/, 'must be an IAM role ARN'),
+        externalId: z.string().regex(/^[\w+=,.@:/-]{2,1224}$/).optional(),
+        sessionName: z
+          .string()
+          .regex(/^[\w+=,.@-]{2,64}$/)
+          .default('trousseau'),
+      })
+      .strict()
+      .optional(),
+    /**
+     * ARNs of replicas of a multi-Region key in other regions. Unwrap tries them, in
+     * order, when the key's own region is unavailable; wrap never uses them.
+     */
+    replicaKeyIds: z.array(z.string().regex(KEY_ARN_PATTERN, 'must be a KMS key ARN (the region is taken from it)')).default([]),
+  })
+  .strict()
+  .superRefine((config, ctx) => {
+    const region = arnRegion(config.keyId);
+    if (region !== undefined && region !== config.region) {
+      ctx.addIssue({ code: 'custom', path: ['keyId'], message: `the key ARN is in ${region}, but region is ${config.region}` });
+    }
+    for (const [index, replica] of config.replicaKeyIds.entries()) {
+      if (arnRegion(replica) === config.region) {
+        ctx.addIssue({ code: 'custom', path: ['replicaKeyIds', index], message: 'a replica must be in another region than the key' });
+      }
+    }
+  });
+
+export type AwsBackendConfig = z.output<typeof awsConfigSchema>;
+
+export const awsBackend: BackendDefinition<typeof awsConfigSchema> = {
+  type: 'aws',
+  configSchema: awsConfigSchema,
+  create: (config) => new AwsKmsBackend(config),
+};
+
+/**
+ * The SDK's own retries must end inside the engine's per-call timeout: one retry
+ * (standard mode, which also retries throttling with backoff), and each attempt
+ * bounded by the timeout. The abort signal ends whatever is left.
+ */
+const MAX_ATTEMPTS = 2;
+
+export class AwsKmsBackend implements KeyBackend {
+  readonly kind = 'aws';
+  readonly name: string;
+  private readonly config: AwsBackendConfig;
+  private readonly clients = new Map<string, KMSClient>();
+  private readonly credentials: ReturnType<typeof fromTemporaryCredentials> | undefined;
+  /** ARN of the key `keyId` names, from DescribeKey; refreshed by currentKeyVersion(). */
+  private keyArn: string | undefined;
+
+  constructor(config: AwsBackendConfig) {
+    this.config = config;
+    this.name = config.name;
+    const role = config.assumeRole;
+    this.credentials = role
+      ? fromTemporaryCredentials({
+          params: {
+            RoleArn: role.roleArn,
+            RoleSessionName: role.sessionName,
+            ...(role.externalId === undefined ? {} : { ExternalId: role.externalId }),
+          },
+          clientConfig: {
+            region: config.region,
+            maxAttempts: MAX_ATTEMPTS,
+            requestHandler: { connectionTimeout: config.timeoutMs, requestTimeout: config.timeoutMs },
+          },
+        })
+      : undefined;
+  }
+
+  async currentKeyVersion(signal: AbortSignal): Promise<string> {
+    // Always asks KMS: this is what the health probe calls, so an alias moved to
+    // another key or a key disabled since the last probe shows up here.
+    const arn = await this.describe(signal);
+    this.keyArn = arn;
+    return arn;
+  }
+
+  async wrap(dataKey: Uint8Array, context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
+    const keyArn = await this.resolvedKeyArn(signal);
+    const client = this.client(this.config.region);
+    const command = new EncryptCommand({ KeyId: keyArn, Plaintext: dataKey, EncryptionContext: contextMap(context) });
+    const response = await this.call((abortSignal) => client.send(command, { abortSignal }), signal, keyArn);
+    if (!response.CiphertextBlob || response.CiphertextBlob.length === 0) {
+      throw new TrousseauError('BACKEND_UNAVAILABLE', `AWS KMS returned no ciphertext for key ${keyArn}`);
+    }
+    if (response.KeyId !== keyArn) {
+      throw new TrousseauError('BACKEND_REJECTED', `AWS KMS encrypted with key ${safeId(response.KeyId)} instead of ${keyArn}`);
+    }
+    return { wrapped: response.CiphertextBlob, keyVersion: keyArn };
+  }
+
+  async unwrap(wrapped: Uint8Array, keyVersion: string, context: WrapContext, signal: AbortSignal): Promise<Uint8Array> {
+    let firstFailure: unknown;
+    const candidates = [...this.config.replicaKeyIds];
+    try {
+      candidates.unshift(await this.resolvedKeyArn(signal));
+    } catch (error) {
+      // An alias that cannot be resolved because its region is down must not stop
+      // the replicas from being asked.
+      if (candidates.length === 0 || !isUnavailable(error)) throw error;
+      firstFailure = error;
+    }
+    for (const candidate of candidates) {
+      try {
+        return await this.decryptWith(candidate, wrapped, keyVersion, context, signal);
+      } catch (error) {
+        firstFailure ??= error;
+        // Only an outage of a region is a reason to ask a replica: a refusal (wrong
+        // key, wrong context, disabled key) would be the same answer everywhere.
+        if (signal.aborted || !isUnavailable(error)) throw error;
+      }
+    }
+    throw firstFailure;
+  }
+
+  async close(): Promise<void> {
+    for (const client of this.clients.values()) client.destroy();
+    this.clients.clear();
+  }
+
+  private async decryptWith(
+    keyArn: string,
+    wrapped: Uint8Array,
+    keyVersion: string,
+    context: WrapContext,
+    signal: AbortSignal,
+  ): Promise<Uint8Array> {
+    const region = arnRegion(keyArn) ?? this.config.region;
+    const client = this.client(region);
+    const command = new DecryptCommand({ KeyId: keyArn, CiphertextBlob: wrapped, EncryptionContext: contextMap(context) });
+    const response = await this.call((abortSignal) => client.send(command, { abortSignal }), signal, keyArn, keyVersion);
+    const plaintext = response.Plaintext;
+    // KMS was told which key to use; a server answering with another key is not one
+    // we trust with this envelope.
+    if (response.KeyId !== keyArn) {
+      plaintext?.fill(0);
+      throw new TrousseauError('BACKEND_REJECTED', `AWS KMS decrypted with key ${safeId(response.KeyId)}, not the configured key ${keyArn}`);
+    }
+    if (!plaintext || plaintext.length === 0) {
+      throw new TrousseauError('BACKEND_UNAVAILABLE', `AWS KMS returned no plaintext for key ${keyArn}`);
+    }
+    return plaintext;
+  }
+
+  private async resolvedKeyArn(signal: AbortSignal): Promise<string> {
+    if (this.keyArn !== undefined) return this.keyArn;
+    // A key ARN needs no DescribeKey before wrapping or unwrapping: KMS itself
+    // refuses a key that is missing, disabled or pending deletion.
+    if (KEY_ARN_PATTERN.test(this.config.keyId)) return this.config.keyId;
+    // Concurrent first calls each ask (with their own deadline) rather than share
+    // one call that the first caller's abort would end for all.
+    const arn = await this.describe(signal);
+    this.keyArn = arn;
+    return arn;
+  }
+
+  /** DescribeKey of the configured key: its ARN, once it is known to be usable for wrapping. */
+  private async describe(signal: AbortSignal): Promise<string> {
+    const label = this.config.keyId;
+    const client = this.client(this.config.region);
+    const command = new DescribeKeyCommand({ KeyId: label });
+    const response = await this.call((abortSignal) => client.send(command, { abortSignal }), signal, label);
+    const metadata = response.KeyMetadata;
+    if (!metadata?.Arn || !KEY_ARN_PATTERN.test(metadata.Arn)) {
+      throw new TrousseauError('BACKEND_UNAVAILABLE', `AWS KMS DescribeKey of ${label} returned no usable key ARN`);
+    }
+    checkKeyMetadata(metadata, label === metadata.Arn ? label : `${label} (${metadata.Arn})`);
+    return metadata.Arn;
+  }
+
+  private client(region: string): KMSClient {
+    let client = this.clients.get(region);
+    if (!client) {
+      const timeout = this.config.timeoutMs;
+      client = new KMSClient({
+        region,
+        // The override is for the configured region only (VPC and FIPS endpoints are
+        // regional); replicas use their region's endpoint from the SDK's usual
+        // configuration (AWS_ENDPOINT_URL_KMS, the profile's endpoint_url, or the default).
+        ...(region === this.config.region && this.config.endpoint !== undefined ? { endpoint: this.config.endpoint } : {}),
+        ...(this.credentials === undefined ? {} : { credentials: this.credentials }),
+        maxAttempts: MAX_ATTEMPTS,
+        retryMode: 'standard',
+        requestHandler: { connectionTimeout: timeout, requestTimeout: timeout },
+      });
+      this.clients.set(region, client);
+    }
+    return client;
+  }
+
+  /** One SDK call, with the abort signal honoured even while the SDK waits between retries. */
+  private async call<Output>(
+    send: (abortSignal: AbortSignal) => Promise<Output>,
+    signal: AbortSignal,
+    keyLabel: string,
+    keyVersion?: string,
+  ): Promise<Output> {
+    if (signal.aborted) throw abandoned(signal);
+    let onAbort: (() => void) | undefined;
+    const aborted = new Promise<never>((_, reject) => {
+      onAbort = () => reject(abandoned(signal));
+      signal.addEventListener('abort', onAbort, { once: true });
+    });
+    const sent = send(signal);
+    // Whichever loses the race must not become an unhandled rejection.
+    sent.catch(() => undefined);
+    aborted.catch(() => undefined);
+    try {
+      return await Promise.race([sent, aborted]);
+    } catch (error) {
+      if (error instanceof TrousseauError) throw error;
+      if (signal.aborted) throw abandoned(signal, error);
+      throw classify(error, keyLabel, keyVersion);
+    } finally {
+      if (onAbort) signal.removeEventListener('abort', onAbort);
+    }
+  }
+}
+
+function isUnavailable(error: unknown): boolean {
+  return error instanceof TrousseauError && error.code === 'BACKEND_UNAVAILABLE';
+}
+
+function abandoned(signal: AbortSignal, cause: unknown = signal.reason): TrousseauError {
+  return new TrousseauError('BACKEND_UNAVAILABLE', 'AWS KMS call abandoned (deadline or cancellation)', { cause });
+}
+
+/** Only Enabled symmetric encryption keys can wrap; anything else is named plainly. */
+function checkKeyMetadata(metadata: KeyMetadata, label: string): void {
+  switch (metadata.KeyState) {
+    case 'Enabled':
+      break;
+    case 'Disabled':
+      throw new TrousseauError('BACKEND_REJECTED', `AWS KMS key ${label} is disabled`);
+    case 'PendingDeletion':
+    case 'PendingReplicaDeletion':
+      throw new TrousseauError('BACKEND_REJECTED', `AWS KMS key ${label} is scheduled for deletion`);
+    case 'PendingImport':
+      throw new TrousseauError('BACKEND_REJECTED', `AWS KMS key ${label} has no key material (pending import)`);
+    case 'Creating':
+    case 'Updating':
+    case 'Unavailable':
+      throw new TrousseauError('BACKEND_UNAVAILABLE', `AWS KMS key ${label} is temporarily unusable (${metadata.KeyState})`);
+    default:
+      throw new TrousseauError('BACKEND_REJECTED', `AWS KMS key ${label} is in an unusable state`);
+  }
+  if (metadata.KeyUsage !== undefined && metadata.KeyUsage !== 'ENCRYPT_DECRYPT') {
+    throw new TrousseauError('BACKEND_REJECTED', `AWS KMS key ${label} is not an encryption key (KeyUsage ${safeId(metadata.KeyUsage)})`);
+  }
+  if (metadata.KeySpec !== undefined && metadata.KeySpec !== 'SYMMETRIC_DEFAULT') {
+    throw new TrousseauError('BACKEND_REJECTED', `AWS KMS key ${label} is not a symmetric key (KeySpec ${safeId(metadata.KeySpec)})`);
+  }
+}
+
+/** An identifier from a response, shown only if it looks like one. */
+function safeId(value: string | undefined): string {
+  return value !== undefined && /^[A-Za-z0-9:/_+=.@-]{1,256}$/.test(value) ? value : '(unrecognised)';
+}
+
+const NETWORK_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ECONNABORTED',
+  'ETIMEDOUT',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'EPIPE',
+  'UND_ERR_SOCKET',
+]);
+
+const CREDENTIAL_REJECTIONS = new Set([
+  'UnrecognizedClientException',
+  'InvalidSignatureException',
+  'IncompleteSignature',
+  'InvalidClientTokenId',
+  'ExpiredTokenException',
+  'SignatureDoesNotMatch',
+]);
+
+/**
+ * Maps an SDK error to a TrousseauError by its name and HTTP status only: SDK and
+ * server messages never reach `message` (they go to `cause`).
+ */
+export function classify(error: unknown, keyLabel: string, keyVersion?: string): TrousseauError {
+  const e = (typeof error === 'object' && error !== null ? error : {}) as {
+    name?: unknown;
+    code?: unknown;
+    $metadata?: { httpStatusCode?: number };
+  };
+  const name = typeof e.name === 'string' ? e.name : '';
+  const status = e.$metadata?.httpStatusCode;
+  const rejected = (message: string) => new TrousseauError('BACKEND_REJECTED', message, { cause: error });
+  const unavailable = (message: string) => new TrousseauError('BACKEND_UNAVAILABLE', message, { cause: error });
+  const otherKey =
+    keyVersion !== undefined && keyVersion !== keyLabel ? ` (the copy was made with ${safeId(keyVersion)})` : '';
+
+  switch (name) {
+    case 'DisabledException':
+      return rejected(`AWS KMS key ${keyLabel} is disabled`);
+    case 'KMSInvalidStateException':
+      return rejected(`AWS KMS key ${keyLabel} is not in a usable state (scheduled for deletion, pending import, or unavailable)`);
+    case 'NotFoundException':
+      return rejected(`AWS KMS key ${keyLabel} was not found`);
+    case 'AccessDeniedException':
+      return rejected(`access to AWS KMS key ${keyLabel} was denied (IAM or key policy, or encryption context condition)`);
+    case 'InvalidCiphertextException':
+      return rejected(`AWS KMS refused the wrapped copy under key ${keyLabel}: corrupted, or bound to another envelope${otherKey}`);
+    case 'IncorrectKeyException':
+      return rejected(`the wrapped copy was not made with AWS KMS key ${keyLabel}${otherKey}`);
+    case 'InvalidKeyUsageException':
+      return rejected(`AWS KMS key ${keyLabel} cannot be used to encrypt and decrypt`);
+    case 'ThrottlingException':
+    case 'LimitExceededException':
+      return unavailable(`AWS KMS throttled calls for key ${keyLabel}`);
+    case 'KMSInternalException':
+    case 'DependencyTimeoutException':
+    case 'KeyUnavailableException':
+      return unavailable(`AWS KMS could not serve key ${keyLabel} right now (${name})`);
+    case 'CredentialsProviderError':
+      return unavailable('no AWS credentials could be obtained from the default credential chain');
+    case 'TimeoutError':
+    case 'RequestTimeout':
+    case 'AbortError':
+      return unavailable(`AWS KMS call for key ${keyLabel} timed out`);
+  }
+  if (CREDENTIAL_REJECTIONS.has(name)) return rejected(`AWS rejected the credentials used for key ${keyLabel} (${name})`);
+  if (typeof e.code === 'string' && NETWORK_CODES.has(e.code)) return unavailable(`AWS KMS endpoint unreachable (${e.code})`);
+  if (status !== undefined && (status >= 500 || status === 429)) return unavailable(`AWS KMS answered HTTP ${status}`);
+  if (status !== undefined && status >= 400) {
+    return rejected(`AWS KMS refused the call for key ${keyLabel} (HTTP ${status}${/^[A-Za-z]{1,64}$/.test(name) ? `, ${name}` : ''})`);
+  }
+  // No HTTP answer at all: a network or client-side failure, which may pass.
+  return unavailable(`AWS KMS call for key ${keyLabel} failed without an answer from the server`);
+}
