@@ -1,0 +1,215 @@
+/**
+ * Azure Key Vault backend against the server test/servers/lowkey-vault.server.sh
+ * started: lowkey-vault when its jar could be installed, else the stand-in (the env
+ * file's AZURE_KV_SERVER says which; every title carries it).
+ *
+ * Authentication is the production managedIdentity method: IDENTITY_ENDPOINT points
+ * the real ManagedIdentityCredential at the server's token port (App Service style),
+ * so no test-only credential is involved.
+ */
+import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { Agent } from 'node:https';
+import test from 'ava';
+import { ManagedIdentityCredential } from '@azure/identity';
+import { KeyClient } from '@azure/keyvault-keys';
+import { AzureKeyVaultBackend, azureConfigSchema } from '../../src/backends/azure.ts';
+import type { KeyBackend, WrapContext } from '../../src/backends/backend.ts';
+import { errorCodeOf } from '../../src/errors.ts';
+import { requireServer } from '../helpers/servers.ts';
+import { runBackendConformance } from './conformance.ts';
+
+const server = requireServer('lowkey-vault');
+
+if ('missing' in server) {
+  test.skip(`azure: ${server.missing}`, () => {});
+} else {
+  const env = server.env;
+  const vaultUrl = env.AZURE_KV_URL!;
+  const caFile = env.AZURE_KV_CA_FILE!;
+  const label = `azure (${env.AZURE_KV_SERVER ?? 'unknown server'})`;
+  process.env.IDENTITY_ENDPOINT = env.AZURE_KV_IDENTITY_ENDPOINT;
+  process.env.IDENTITY_HEADER = 'trousseau-test';
+
+  const signal = () => AbortSignal.timeout(10_000);
+  const context = (backend: KeyBackend): WrapContext => ({ envelopeId: randomBytes(16), backendName: backend.name });
+  const admin = new KeyClient(vaultUrl, new ManagedIdentityCredential(), {
+    disableChallengeResourceVerification: true,
+    agent: new Agent({ ca: readFileSync(caFile) }),
+  });
+
+  const make = (overrides: Record<string, unknown> = {}) =>
+    new AzureKeyVaultBackend(
+      azureConfigSchema.parse({
+        name: 'azure-test',
+        type: 'azure',
+        vaultUrl,
+        keyName: env.AZURE_KV_KEY_NAME,
+        caFile,
+        disableChallengeResourceVerification: true,
+        credential: { method: 'managedIdentity' },
+        timeoutMs: 2900,
+        ...overrides,
+      }),
+      { baseDir: process.cwd() },
+    );
+
+  async function freshKey(prefix: string, keySize = 3072, keyType: 'RSA' | 'RSA-HSM' = 'RSA'): Promise<{ name: string; version: string }> {
+    const name = `${prefix}-${randomBytes(4).toString('hex')}`;
+    const key = await admin.createKey(name, keyType, { keySize, keyOps: ['wrapKey', 'unwrapKey', 'encrypt', 'decrypt'] });
+    return { name, version: key.properties.version! };
+  }
+
+  // The token the server hands out must never show up in an error message.
+  const token = await fetch(`${env.AZURE_KV_IDENTITY_ENDPOINT}?api-version=2019-08-01&resource=https://vault.azure.net`)
+    .then(async (r) => ((await r.json()) as { access_token?: string }).access_token ?? '')
+    .catch(() => '');
+
+  runBackendConformance(test, {
+    label,
+    create: () => make(),
+    createUnreachable: () => make({ vaultUrl: env.AZURE_KV_UNREACHABLE_URL }),
+    secrets: [token],
+    // RSA-OAEP has no associated data; the envelope's key commitment covers moved copies.
+    bindsContext: false,
+  });
+
+  test(`${label}: an RSA-4096 wrapped copy is 512 bytes`, async (t) => {
+    const backend = make();
+    try {
+      const { wrapped } = await backend.wrap(randomBytes(32), context(backend), signal());
+      t.is(wrapped.length, 512);
+    } finally {
+      await backend.close();
+    }
+  });
+
+  test(`${label}: rotation is followed by "latest", old copies still unwrap, a pinned version stays`, async (t) => {
+    const { name, version: v1 } = await freshKey('rot');
+    const latest = make({ keyName: name, keyRefreshIntervalMs: 1000 });
+    const pinned = make({ keyName: name, keyVersion: v1 });
+    try {
+      t.is(await latest.currentKeyVersion(signal()), v1);
+      const oldKey = randomBytes(32);
+      const ctx = context(latest);
+      const before = await latest.wrap(oldKey, ctx, signal());
+      t.is(before.keyVersion, v1);
+
+      const rotated = await admin.rotateKey(name);
+      const v2 = rotated.properties.version!;
+      t.not(v2, v1);
+      // Within the refresh interval the resolved version is kept.
+      t.is(await latest.currentKeyVersion(signal()), v1);
+      await new Promise((resolve) => setTimeout(resolve, 1100));
+      t.is(await latest.currentKeyVersion(signal()), v2);
+
+      const newKey = randomBytes(32);
+      const after = await latest.wrap(newKey, ctx, signal());
+      t.is(after.keyVersion, v2);
+      t.true(Buffer.from(await latest.unwrap(after.wrapped, v2, ctx, signal())).equals(newKey));
+      t.true(Buffer.from(await latest.unwrap(before.wrapped, v1, ctx, signal())).equals(oldKey));
+
+      // A copy unwrapped with the wrong version's key is refused, not mis-decrypted.
+      const wrong = await t.throwsAsync(latest.unwrap(before.wrapped, v2, ctx, signal()));
+      t.is(errorCodeOf(wrong), 'BACKEND_REJECTED');
+
+      t.is(await pinned.currentKeyVersion(signal()), v1);
+      const pinnedWrap = await pinned.wrap(newKey, ctx, signal());
+      t.is(pinnedWrap.keyVersion, v1);
+      t.true(Buffer.from(await latest.unwrap(pinnedWrap.wrapped, v1, ctx, signal())).equals(newKey));
+    } finally {
+      await latest.close();
+      await pinned.close();
+    }
+  });
+
+  test(`${label}: a disabled key version is a rejection, for wrap and unwrap`, async (t) => {
+    const { name, version } = await freshKey('dis');
+    const backend = make({ keyName: name });
+    try {
+      const ctx = context(backend);
+      const copy = await backend.wrap(randomBytes(32), ctx, signal());
+      await admin.updateKeyProperties(name, version, { enabled: false });
+      const wrapError = await t.throwsAsync(backend.wrap(randomBytes(32), ctx, signal()));
+      t.is(errorCodeOf(wrapError), 'BACKEND_REJECTED');
+      t.regex((wrapError).message, /HTTP 403/);
+      const unwrapError = await t.throwsAsync(backend.unwrap(copy.wrapped, copy.keyVersion, ctx, signal()));
+      t.is(errorCodeOf(unwrapError), 'BACKEND_REJECTED');
+      // A fresh backend (no cached key) reaches the same verdict.
+      const fresh = make({ keyName: name, keyVersion: version });
+      const freshError = await t.throwsAsync(fresh.wrap(randomBytes(32), ctx, signal()));
+      t.is(errorCodeOf(freshError), 'BACKEND_REJECTED');
+      await fresh.close();
+    } finally {
+      await backend.close();
+    }
+  });
+
+  test(`${label}: an unknown key or key version is a rejection`, async (t) => {
+    const missingKey = make({ keyName: `absent-${randomBytes(4).toString('hex')}` });
+    const backend = make();
+    try {
+      const error = await t.throwsAsync(missingKey.currentKeyVersion(signal()));
+      t.is(errorCodeOf(error), 'BACKEND_REJECTED');
+      t.regex((error).message, /HTTP 404/);
+      const versionError = await t.throwsAsync(backend.unwrap(randomBytes(512), 'f'.repeat(32), context(backend), signal()));
+      t.is(errorCodeOf(versionError), 'BACKEND_REJECTED');
+      const badVersion = await t.throwsAsync(backend.unwrap(randomBytes(512), '../other-key', context(backend), signal()));
+      t.is(errorCodeOf(badVersion), 'BACKEND_REJECTED');
+    } finally {
+      await missingKey.close();
+      await backend.close();
+    }
+  });
+
+  test(`${label}: TLS is verified: without the CA file the vault is not trusted`, async (t) => {
+    const backend = make({ caFile: undefined });
+    try {
+      const error = await t.throwsAsync(backend.wrap(randomBytes(32), context(backend), signal()));
+      t.is(errorCodeOf(error), 'BACKEND_UNAVAILABLE');
+    } finally {
+      await backend.close();
+    }
+  });
+
+  test(`${label}: an RSA-HSM (Managed HSM type) key wraps and unwraps`, async (t) => {
+    let key: { name: string; version: string };
+    try {
+      key = await freshKey('hsm', 3072, 'RSA-HSM');
+    } catch (error) {
+      t.log(`server refused to create an RSA-HSM key: ${(error as Error).message}`);
+      t.fail('RSA-HSM key creation is not supported by this server');
+      return;
+    }
+    const backend = make({ keyName: key.name });
+    try {
+      const dataKey = randomBytes(32);
+      const ctx = context(backend);
+      const { wrapped, keyVersion } = await backend.wrap(dataKey, ctx, signal());
+      t.is(keyVersion, key.version);
+      t.true(Buffer.from(await backend.unwrap(wrapped, keyVersion, ctx, signal())).equals(dataKey));
+    } finally {
+      await backend.close();
+    }
+  });
+}
+
+test('azure config: only https vaults, no unknown fields, no inline secrets', (t) => {
+  const base = { name: 'az', type: 'azure', vaultUrl: 'https://v.vault.azure.net', keyName: 'kek' };
+  const parsed = azureConfigSchema.parse(base);
+  t.is(parsed.keyVersion, 'latest');
+  t.is(parsed.keyRefreshIntervalMs, 300_000);
+  t.deepEqual(parsed.credential, { method: 'default' });
+  t.false(parsed.disableChallengeResourceVerification);
+  t.false(azureConfigSchema.safeParse({ ...base, vaultUrl: 'http://v.vault.azure.net' }).success);
+  t.false(azureConfigSchema.safeParse({ ...base, insecureSkipVerify: true }).success);
+  t.false(azureConfigSchema.safeParse({ ...base, keyVersion: '../x' }).success);
+  t.false(
+    azureConfigSchema.safeParse({ ...base, credential: { method: 'clientSecret', tenantId: 't', clientId: 'c', clientSecret: 's' } }).success,
+  );
+  t.true(
+    azureConfigSchema.safeParse({ ...base, credential: { method: 'workloadIdentity', tenantId: 't', clientId: 'c', tokenFile: '/var/run/token' } })
+      .success,
+  );
+  t.true(azureConfigSchema.safeParse({ ...base, credential: { method: 'managedIdentity' } }).success);
+});
