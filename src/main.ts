@@ -6,19 +6,21 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Command, Option } from 'commander';
 import { addKeyToFile, generateKeyFile } from './backends/local.ts';
-import { configJsonSchema, loadConfigFile } from './config/load.ts';
 import { parseEnvelope } from './envelope/format.ts';
 import { isTrousseauError } from './errors.ts';
 import { call, clientsFor } from './cli/client.ts';
-import { devConfig, prepareDevKeys } from './cli/dev-config.ts';
 import { formatEnvelopeDocument, parseEnvelopeDocument } from './cli/envelope-document.ts';
-import { serveUntilSignalled } from './cli/serve.ts';
+import { registerRewrapCommand } from './cli/rewrap.ts';
 import { renderStatus, type StatusDocument } from './cli/status-view.ts';
+import { registerVerifyCommand } from './cli/verify.ts';
 import type * as T from './kms/types.ts';
 import { PLUGIN_VERSION } from './kms/services.ts';
-import { createLogger } from './observability/logger.ts';
 
 const DEFAULT_SOCKET = '/var/run/trousseau/kms.sock';
+
+// Modules that load every backend SDK are imported only by the commands that need
+// them, so `status`, `encrypt`, `inspect` and `keygen` start fast.
+const loadConfigModule = () => import('./config/load.ts');
 
 async function readStdin(): Promise<Buffer> {
   const chunks: Buffer[] = [];
@@ -43,6 +45,12 @@ program
   .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
   .action(async (options: { config?: string; dev?: boolean; socket?: string; dataDir: string; httpListen?: string; logLevel?: string }) => {
     if (options.dev === Boolean(options.config)) throw new Error('give exactly one of --config FILE or --dev');
+    const [{ loadConfigFile }, { devConfig, prepareDevKeys }, { serveUntilSignalled }, { createLogger }] = await Promise.all([
+      loadConfigModule(),
+      import('./cli/dev-config.ts'),
+      import('./cli/serve.ts'),
+      import('./observability/logger.ts'),
+    ]);
     let config;
     let baseDir: string;
     if (options.dev) {
@@ -67,7 +75,7 @@ program
   .description('check a configuration file and exit')
   .requiredOption('-c, --config <file>', 'configuration file (YAML)')
   .action(async (options: { config: string }) => {
-    const { config } = await loadConfigFile(options.config);
+    const { config } = await (await loadConfigModule()).loadConfigFile(options.config);
     console.log(`${options.config}: valid (${config.backends.length} backends: ${config.backends.map((b) => `${b.name}/${b.type}`).join(', ')}; quorum ${config.quorum})`);
   });
 
@@ -77,15 +85,23 @@ program
   .argument('<file>', 'key file to create')
   .option('--rotate', 'add a new current key to FILE, keeping the older keys for unwrapping')
   .action(async (file: string, options: { rotate?: boolean }) => {
-    const version = options.rotate ? await addKeyToFile(file) : await generateKeyFile(file);
+    let version: string;
+    try {
+      version = options.rotate ? await addKeyToFile(file) : await generateKeyFile(file);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'EEXIST') {
+        throw new Error(`${file} already exists; keygen never overwrites a key (use --rotate to add a new current key to it)`, { cause: error });
+      }
+      throw error;
+    }
     console.log(`${file}: ${options.rotate ? 'rotated to' : 'created'} key version ${version}`);
   });
 
 program
   .command('schema')
   .description('print the configuration JSON Schema')
-  .action(() => {
-    console.log(JSON.stringify(configJsonSchema(), null, 2));
+  .action(async () => {
+    console.log(JSON.stringify((await loadConfigModule()).configJsonSchema(), null, 2));
   });
 
 const socketOption = () => new Option('-s, --socket <path>', 'plugin socket').default(DEFAULT_SOCKET);
@@ -183,6 +199,9 @@ program
       ),
     );
   });
+
+registerVerifyCommand(program);
+registerRewrapCommand(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -7,6 +7,8 @@ import type { Logger } from 'pino';
 import type { KeyBackend } from './backends/backend.ts';
 import { definitionFor } from './backends/registry.ts';
 import type { Config } from './config/schema.ts';
+import path from 'node:path';
+import { EscrowVerifier, type EscrowReport } from './engine/escrow-verifier.ts';
 import { GuardedBackend } from './engine/guarded-backend.ts';
 import { HealthProber } from './engine/health-probe.ts';
 import { KeyIdTracker } from './engine/key-id.ts';
@@ -56,6 +58,7 @@ export class Plugin implements KmsCore {
   readonly backends: GuardedBackend[];
   readonly engine: WrapEngine;
   readonly prober: HealthProber;
+  readonly escrow: EscrowVerifier;
   private readonly keyIds: KeyIdTracker;
   private readonly config: Config;
   private readonly logger: Logger;
@@ -99,6 +102,14 @@ export class Plugin implements KmsCore {
         if (this.started) this.keyIds.current();
       },
     );
+    const { canaryFile, ...escrow } = config.escrow;
+    this.escrow = new EscrowVerifier(
+      this.engine,
+      this.backends,
+      { ...escrow, canaryFile: canaryFile === undefined ? undefined : path.resolve(options.baseDir, canaryFile) },
+      metrics,
+      logger,
+    );
     metrics.configuredBackends.set(this.backends.length);
     metrics.quorum.set(config.quorum);
   }
@@ -112,6 +123,12 @@ export class Plugin implements KmsCore {
     this.started = true;
     this.keyIds.current();
     this.prober.start();
+    this.escrow.start();
+  }
+
+  /** Prove once, now, that each backend alone decrypts (`trousseau verify`, the admin Verify call). */
+  verifyEscrow(signal?: AbortSignal, renewReference = false): Promise<EscrowReport> {
+    return this.escrow.verify({ signal, renewReference });
   }
 
   status(): KmsStatus {
@@ -152,10 +169,12 @@ export class Plugin implements KmsCore {
       quorum: this.config.quorum,
       healthy: this.ready,
       backends: this.backends.map((b) => b.health()),
+      escrow: this.escrow.report(),
     };
   }
 
   async close(): Promise<void> {
+    this.escrow.stop();
     this.prober.stop();
     await Promise.allSettled(this.backends.map((b) => b.close()));
   }

@@ -7,7 +7,7 @@
  * written before a key change still unwrap.
  */
 import { createCipheriv, createDecipheriv, createHash, createSecretKey, randomBytes, type KeyObject } from 'node:crypto';
-import { open, readFile, rename, stat } from 'node:fs/promises';
+import { link, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { z } from 'zod';
 import { TrousseauError } from '../errors.ts';
@@ -195,20 +195,27 @@ export async function loadKeyRing(file: string): Promise<KeyRing> {
   return { keys, identity };
 }
 
-/** Create a new key file with mode 0600; refuses to overwrite an existing file. */
+/**
+ * Create a new key file with mode 0600; refuses to overwrite an existing file. The
+ * key is written to a temporary file and hard-linked into place, so the file appears
+ * whole or not at all (an interrupted start never leaves an empty key file).
+ */
 export async function generateKeyFile(file: string): Promise<string> {
   const key = randomBytes(KEY_BYTES);
+  const temporary = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
   try {
-    const handle = await open(file, 'wx', 0o600);
+    const handle = await open(temporary, 'wx', 0o600);
     try {
       await handle.writeFile(`${key.toString('base64')}\n`);
       await handle.sync();
     } finally {
       await handle.close();
     }
+    await link(temporary, file); // fails with EEXIST rather than replace a key
     return localKeyVersion(key);
   } finally {
     key.fill(0);
+    await unlink(temporary).catch(() => undefined);
   }
 }
 

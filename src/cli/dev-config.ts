@@ -5,7 +5,7 @@
  * unavailable: creating a new key in its place would silently lose every envelope
  * the old one wrapped.
  */
-import { mkdir, readdir } from 'node:fs/promises';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { generateKeyFile } from '../backends/local.ts';
@@ -14,14 +14,22 @@ import type { Config } from '../config/schema.ts';
 
 export const DEV_BACKENDS = ['local-a', 'local-b', 'local-c'] as const;
 
+/**
+ * Written once every key exists. Until then the plugin has never served, so no
+ * envelope can depend on a key yet and an interrupted first start may be completed.
+ */
+const INITIALISED_MARKER = '.keys-initialised';
+
 export async function prepareDevKeys(dataDir: string, logger: Logger): Promise<void> {
   await mkdir(dataDir, { recursive: true, mode: 0o700 });
-  const existing = (await readdir(dataDir)).filter((f) => f.endsWith('.key'));
-  if (existing.length > 0) return;
+  const files = await readdir(dataDir);
+  if (files.includes(INITIALISED_MARKER)) return;
   for (const name of DEV_BACKENDS) {
+    if (files.includes(`${name}.key`)) continue; // an interrupted first start: keep what it made
     const version = await generateKeyFile(path.join(dataDir, `${name}.key`));
     logger.info({ backend: name, keyVersion: version }, 'created development key file');
   }
+  await writeFile(path.join(dataDir, INITIALISED_MARKER), 'development keys created; a missing key file is never recreated\n', { mode: 0o600 });
 }
 
 export function devConfig(dataDir: string, socketPath: string, overrides: { httpListen?: string | undefined; logLevel?: string | undefined }): Config {

@@ -50,7 +50,16 @@ export async function startPlugin(config: Config, baseDir: string, logger: Logge
 
 /** Serve until a signal arrives; the process exits with 0 after a clean shutdown. */
 export async function serveUntilSignalled(config: Config, baseDir: string, logger: Logger): Promise<void> {
+  // Last-resort handlers: log the error class and message (ours are safe; a stack of
+  // our own code holds no secret) rather than let Node print a crash dump of objects.
+  process.on('unhandledRejection', (reason) => {
+    logger.error({ error: reason instanceof Error ? reason.name : typeof reason }, 'unhandled rejection (bug); continuing');
+  });
   const running = await startPlugin(config, baseDir, logger);
+  process.once('uncaughtException', (error) => {
+    logger.fatal({ error: error.name, message: error.message }, 'uncaught exception (bug); shutting down');
+    void running.stop().finally(() => process.exit(1));
+  });
   await new Promise<void>((resolve) => {
     const onSignal = (signal: NodeJS.Signals) => {
       logger.info({ signal }, 'signal received');

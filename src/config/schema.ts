@@ -84,6 +84,25 @@ export const configSchema = z
       })
       .strict()
       .prefault({}),
+    escrow: z
+      .object({
+        /** Prove on a schedule that each backend alone decrypts a canary envelope (default true). */
+        enabled: z.boolean().default(true),
+        /** Time between verifications (default 300000). */
+        intervalMs: z.number().int().min(1000).max(86400000).default(300000),
+        /** First verification after start (default 30000). */
+        initialDelayMs: z.number().int().min(0).max(86400000).default(30000),
+        /** Deadline of one whole verification (default 10000). */
+        timeoutMs: z.number().int().min(100).max(120000).default(10000),
+        /**
+         * Where the reference canary envelope is kept across restarts and shared with
+         * `trousseau verify --config`; relative to the configuration file. Without it
+         * the reference lives in memory only.
+         */
+        canaryFile: z.string().min(1).optional(),
+      })
+      .strict()
+      .prefault({}),
     http: z
       .object({
         /** host:port for /metrics, /healthz, /readyz. Loopback by default; unset disables it. */

@@ -21,6 +21,7 @@ import type { KeyBackend, WrapContext, WrappedKey } from '../backends/backend.ts
 import { TrousseauError, errorCodeOf, type ErrorCode } from '../errors.ts';
 import { DATA_KEY_BYTES, MAX_KEY_VERSION_BYTES, MAX_WRAPPED_BYTES } from '../envelope/limits.ts';
 import type { BackendOperation, BackendOutcome, Metrics } from '../observability/metrics.ts';
+import { linkedSignal } from './abort.ts';
 import { LatencyWindow } from './latency.ts';
 
 export interface BreakerSettings {
@@ -119,7 +120,10 @@ export class GuardedBackend {
       rollingCountTimeout: settings.breaker.rollingWindowMs,
       rollingCountBuckets: 10,
       rollingPercentilesEnabled: false,
-      errorFilter: isCallerError,
+      // A filtered error counts as a success, and a success closes a half-open breaker:
+      // a trial that was cancelled (a hedge won, the client left) proved nothing, so it
+      // counts as a failure there and the breaker waits another resetTimeout.
+      errorFilter: (error: unknown) => isCallerError(error) && !(errorCodeOf(error) === 'CANCELLED' && this.breaker.halfOpen),
       name: backend.name,
     });
     const setState = (state: BreakerState) => {
@@ -232,16 +236,28 @@ export class GuardedBackend {
 
   private async call<T>(operation: BackendOperation, fn: (signal: AbortSignal) => Promise<T>, callerSignal: AbortSignal, check: (result: T) => string | undefined): Promise<T> {
     const started = performance.now();
-    const timeout = AbortSignal.timeout(this.settings.timeoutMs);
-    const signal = AbortSignal.any([callerSignal, timeout]);
+    const linked = linkedSignal([callerSignal], this.settings.timeoutMs, CALL_TIMED_OUT);
+    const timeout = { get aborted() { return linked.timedOut; } };
+    const signal = linked.signal;
     const action: Action = async (s) => {
-      const result = await abortable(fn(s), s);
+      let result: T;
+      try {
+        result = await abortable(fn(s), s);
+      } catch (error) {
+        // The breaker must see what classify() will report: a call the caller abandoned
+        // (client gone, hedge lost, quorum reached) says nothing about the backend,
+        // whatever reason the caller's signal carried.
+        if (callerSignal.aborted && !timeout.aborted && errorCodeOf(error) !== 'BACKEND_REJECTED') {
+          throw new TrousseauError('CANCELLED', `call to backend ${this.name} was abandoned`, { cause: error });
+        }
+        throw error;
+      }
       const problem = check(result);
       if (problem) throw new TrousseauError('BACKEND_UNAVAILABLE', `backend ${this.name} returned an invalid result: ${problem}`);
       return result;
     };
     try {
-      const result = (await this.breaker.fire(action, signal)) as T;
+      const result = (await this.breaker.fire(action, signal).finally(() => linked.dispose())) as T;
       const elapsed = performance.now() - started;
       this.latency.record(elapsed);
       this.metrics.backendLatency.observe({ backend: this.name, operation }, elapsed / 1000);
@@ -266,7 +282,7 @@ export class GuardedBackend {
   }
 
   /** Turn whatever the call threw into a TrousseauError with a safe message. */
-  private classify(raw: unknown, callerSignal: AbortSignal, timeout: AbortSignal): TrousseauError {
+  private classify(raw: unknown, callerSignal: AbortSignal, timeout: { readonly aborted: boolean }): TrousseauError {
     if ((raw as { code?: unknown }).code === 'EOPENBREAKER') {
       return new TrousseauError('BREAKER_OPEN', `backend ${this.name} is failing; its circuit breaker is open`);
     }
@@ -280,6 +296,8 @@ export class GuardedBackend {
     return new TrousseauError('BACKEND_UNAVAILABLE', `backend ${this.name} failed unexpectedly`, { cause: raw });
   }
 }
+
+const CALL_TIMED_OUT = new TrousseauError('DEADLINE', 'backend call timed out');
 
 function isValidKeyVersion(v: unknown): v is string {
   return typeof v === 'string' && v.length >= 1 && v.length <= MAX_KEY_VERSION_BYTES && /^[\x21-\x7e]+$/.test(v);

@@ -32,7 +32,10 @@ export class LatencyWindow {
       this.sorted = this.samples.slice(0, this.count).sort();
       this.sinceSort = 0;
     }
-    const index = Math.min(this.count - 1, Math.max(0, Math.ceil((p / 100) * this.count) - 1));
+    // The sorted copy may be up to RECOMPUTE_EVERY samples stale, hence shorter than
+    // `count`: index into it by its own length, or p95 reads past its end (NaN delays).
+    const n = this.sorted.length;
+    const index = Math.min(n - 1, Math.max(0, Math.ceil((p / 100) * n) - 1));
     return this.sorted[index];
   }
 }

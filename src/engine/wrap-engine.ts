@@ -14,11 +14,13 @@
  */
 import type { Logger } from 'pino';
 import { TrousseauError, errorCodeOf, type ErrorCode } from '../errors.ts';
-import { matchesCommitment, newDataKey, newEnvelopeId, openPayload, sealEnvelope } from '../envelope/crypto.ts';
+import { envelopeSize, matchesCommitment, newDataKey, newEnvelopeId, openPayload, sealEnvelope } from '../envelope/crypto.ts';
 import { parseEnvelope, type CopyEntry, type ParsedEnvelope } from '../envelope/format.ts';
+import { V2_MAX_CIPHERTEXT_BYTES } from '../envelope/limits.ts';
 import { placeCopies, type Transport, type WrappedCopy } from '../envelope/placement.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import type { GuardedBackend } from './guarded-backend.ts';
+import { linkedSignal } from './abort.ts';
 import { HedgeBudget } from './hedge-budget.ts';
 
 export interface EngineSettings {
@@ -70,6 +72,8 @@ class EnvelopeAlteredError extends Error {
 // Abort reasons are shared: the abort is routine, and an Error per call costs a stack trace.
 const ANOTHER_COPY_WON = new TrousseauError('CANCELLED', 'another copy won');
 const ENCRYPT_FINISHED = new TrousseauError('CANCELLED', 'encrypt finished');
+const ENCRYPT_DEADLINE = new TrousseauError('DEADLINE', 'encrypt deadline passed');
+const DECRYPT_DEADLINE = new TrousseauError('DEADLINE', 'decrypt deadline passed');
 
 const BREAKER_RANK = { closed: 0, 'half-open': 1, open: 2 } as const;
 
@@ -95,6 +99,7 @@ export class WrapEngine {
   }
 
   async encrypt(plaintext: Uint8Array, transport: Transport, callerSignal: AbortSignal): Promise<EncryptResult> {
+    if (transport === 'v2') this.checkFitsV2(plaintext.length);
     const dataKey = newDataKey();
     const envelopeId = newEnvelopeId();
     try {
@@ -119,14 +124,29 @@ export class WrapEngine {
     }
   }
 
+  /**
+   * Refuse a KMS v2 plaintext that could not fit 1024 bytes even with the smallest
+   * quorum of copies all moved to annotations, before paying for any (billed) wrap.
+   * placeCopies still makes the exact check once the copies exist.
+   */
+  private checkFitsV2(plaintextLength: number): void {
+    const smallest = this.backends
+      .map((b) => ({ backendName: b.name, keyVersion: b.knownKeyVersion ?? 'x', wrapped: new Uint8Array(0), location: 'annotation' as const }))
+      .sort((a, b) => envelopeSize([a], 0) - envelopeSize([b], 0))
+      .slice(0, this.settings.quorum);
+    if (envelopeSize(smallest, plaintextLength) > V2_MAX_CIPHERTEXT_BYTES) {
+      throw new TrousseauError('INVALID_INPUT', `plaintext of ${plaintextLength} bytes does not fit a KMS v2 ciphertext of ${V2_MAX_CIPHERTEXT_BYTES} bytes`);
+    }
+  }
+
   private wrapWithQuorum(dataKey: Buffer, envelopeId: Buffer, callerSignal: AbortSignal): Promise<WrappedCopy[]> {
     const { quorum, encryptDeadlineMs, stragglerGraceMs } = this.settings;
     // Skip backends known to be down; if that leaves too few, try them all anyway:
     // a breaker refuses instantly, and a recovered backend may answer.
     const usable = this.backends.filter((b) => b.usable);
     const candidates = usable.length >= quorum ? usable : this.backends;
-    const abandon = new AbortController();
-    const signal = AbortSignal.any([callerSignal, abandon.signal, AbortSignal.timeout(encryptDeadlineMs)]);
+    const abandon = linkedSignal([callerSignal], encryptDeadlineMs, ENCRYPT_DEADLINE);
+    const signal = abandon.signal;
 
     return new Promise<WrappedCopy[]>((resolve, reject) => {
       const copies: WrappedCopy[] = [];
@@ -177,6 +197,11 @@ export class WrapEngine {
     const envelope = parseEnvelope(ciphertext, annotations);
     const candidates = this.orderCopies(envelope.copies);
     if (candidates.length === 0) {
+      const ours = envelope.copies.filter((c) => this.byName.has(c.backendName));
+      if (ours.length > 0) {
+        const names = ours.map((c) => c.backendName).join(', ');
+        throw new TrousseauError('INVALID_INPUT', `the copies for ${names} are stored in annotations that are missing or altered`);
+      }
       throw new TrousseauError('INVALID_INPUT', 'no wrapped copy in this envelope belongs to a configured backend');
     }
     this.hedgeBudget.earn();
@@ -215,8 +240,8 @@ export class WrapEngine {
     candidates: readonly { copy: CopyEntry & { wrapped: Uint8Array }; backend: GuardedBackend }[],
     callerSignal: AbortSignal,
   ): Promise<DecryptResult> {
-    const won = new AbortController();
-    const signal = AbortSignal.any([callerSignal, won.signal, AbortSignal.timeout(this.settings.decryptDeadlineMs)]);
+    const won = linkedSignal([callerSignal], this.settings.decryptDeadlineMs, DECRYPT_DEADLINE);
+    const signal = won.signal;
     const failures: { backend: string; code: ErrorCode }[] = [];
 
     return new Promise<DecryptResult>((resolve, reject) => {
@@ -309,6 +334,66 @@ export class WrapEngine {
       }
     } finally {
       dataKey.fill(0);
+    }
+  }
+
+  /**
+   * Seal `plaintext` with a copy from every configured backend, waiting for each one
+   * (no straggler grace, down backends tried too): the escrow canary and `rewrap`
+   * need every copy they can get, not the fastest quorum. Serving metrics and health
+   * are left alone: this is not an Encrypt the apiserver asked for. `encrypted` is
+   * undefined when fewer than `minCopies` (at least 1) backends wrapped the key.
+   */
+  async encryptWithEvery(
+    plaintext: Uint8Array,
+    transport: Transport,
+    signal: AbortSignal,
+    minCopies = this.settings.quorum,
+  ): Promise<{ encrypted: EncryptResult | undefined; failures: Map<string, ErrorCode> }> {
+    if (transport === 'v2') this.checkFitsV2(plaintext.length);
+    const dataKey = newDataKey();
+    const envelopeId = newEnvelopeId();
+    try {
+      const settled = await Promise.allSettled(this.backends.map((b) => b.wrap(dataKey, { envelopeId, backendName: b.name }, signal)));
+      const copies: WrappedCopy[] = [];
+      const failures = new Map<string, ErrorCode>();
+      settled.forEach((outcome, i) => {
+        const backend = this.backends[i]!;
+        if (outcome.status === 'fulfilled') copies.push({ backendName: backend.name, keyVersion: outcome.value.keyVersion, wrapped: outcome.value.wrapped });
+        else failures.set(backend.name, errorCodeOf(outcome.reason));
+      });
+      if (copies.length < Math.max(1, minCopies)) return { encrypted: undefined, failures };
+      const placement = placeCopies(copies, plaintext.length, transport);
+      const ciphertext = sealEnvelope({
+        dataKey,
+        envelopeId,
+        quorum: Math.min(this.settings.quorum, copies.length),
+        configuredBackends: this.backends.length,
+        copies: placement.copies,
+        plaintext,
+      });
+      const wrappedBy = copies.map((c) => c.backendName);
+      return { encrypted: { ciphertext, annotations: placement.annotations, wrappedBy, missing: [...failures.keys()] }, failures };
+    } finally {
+      dataKey.fill(0);
+    }
+  }
+
+  /**
+   * Open an envelope with one backend's copy only, never failing over to another:
+   * the proof that this backend alone can recover the data (escrow verification).
+   */
+  async decryptWithOnly(backendName: string, ciphertext: Uint8Array, annotations: ReadonlyMap<string, Uint8Array>, signal: AbortSignal): Promise<DecryptResult> {
+    const envelope = parseEnvelope(ciphertext, annotations);
+    const backend = this.byName.get(backendName);
+    const copy = envelope.copies.find((c) => c.backendName === backendName);
+    if (!backend) throw new TrousseauError('INVALID_INPUT', `backend ${backendName} is not configured`);
+    if (!copy?.wrapped) throw new TrousseauError('INVALID_INPUT', `the envelope holds no copy from backend ${backendName}`);
+    try {
+      const plaintext = await this.attempt(envelope, copy as CopyEntry & { wrapped: Uint8Array }, backend, signal);
+      return { plaintext, unwrappedBy: backend.name, formatVersion: envelope.formatVersion };
+    } catch (error) {
+      throw error instanceof EnvelopeAlteredError ? error.original : error;
     }
   }
 }

@@ -19,4 +19,6 @@ export interface KmsCore {
   decrypt(ciphertext: Buffer, annotations: ReadonlyMap<string, Uint8Array>, signal: AbortSignal, uid?: string): Promise<Buffer>;
   /** Detailed status for `trousseau status` (no secrets). */
   describe(): unknown;
+  /** Escrow verification now (`trousseau verify --socket`); absent in cores without backends. */
+  verifyEscrow?(signal: AbortSignal, renewReference: boolean): Promise<{ ok: boolean }>;
 }

@@ -46,15 +46,32 @@ export class KmsServer {
 
   /**
    * Stop accepting calls, let in-flight calls finish for at most `drainMs`, then cut
-   * the rest and remove the socket.
+   * the rest and remove the socket. We wait on our own in-flight count rather than on
+   * grpc-js's tryShutdown callback, which never fires while an idle client (the
+   * apiserver) keeps its connection open.
    */
   async stop(drainMs: number): Promise<void> {
-    const drained = new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
-    const timer = new Promise<'timeout'>((resolve) => setTimeout(() => resolve('timeout'), drainMs).unref());
-    if ((await Promise.race([drained, timer])) === 'timeout') {
-      this.logger.warn({ inFlight: this.context.inFlight.size }, 'drain timed out; cancelling remaining calls');
-      this.server.forceShutdown();
+    let closed = false;
+    const graceful = new Promise<void>((resolve) =>
+      this.server.tryShutdown(() => {
+        closed = true;
+        resolve();
+      }),
+    );
+    // The timers below stay referenced: they are what keeps the process alive while draining.
+    const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+    const deadline = Date.now() + drainMs;
+    while (!closed && Date.now() < deadline) {
+      if (this.context.inFlight.size === 0) {
+        // Every call has been answered; give the responses a moment to flush, then stop
+        // waiting for idle clients to hang up.
+        await Promise.race([graceful, pause(100)]);
+        break;
+      }
+      await Promise.race([graceful, Promise.allSettled([...this.context.inFlight]), pause(50)]);
     }
+    if (this.context.inFlight.size > 0) this.logger.warn({ inFlight: this.context.inFlight.size }, 'drain timed out; cancelling remaining calls');
+    if (!closed) this.server.forceShutdown();
     await removeSocket(this.socket.path);
   }
 

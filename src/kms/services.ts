@@ -5,7 +5,7 @@
  */
 import type * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { errorCodeOf } from '../errors.ts';
+import { TrousseauError, errorCodeOf } from '../errors.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import type { KmsCore } from './core.ts';
 import { grpcCodeName, toGrpcError } from './grpc-status.ts';
@@ -126,6 +126,11 @@ export function v1Handlers(ctx: HandlerContext): grpc.UntypedServiceImplementati
 export function adminHandlers(ctx: HandlerContext): grpc.UntypedServiceImplementation {
   return {
     Status: unary<unknown, T.AdminStatusResponse>(ctx, 'admin', 'Status', () => ({ status_json: JSON.stringify(ctx.core.describe()) })),
+    Verify: unary<T.AdminVerifyRequest, T.AdminVerifyResponse>(ctx, 'admin', 'Verify', async (request, signal) => {
+      if (!ctx.core.verifyEscrow) throw new TrousseauError('INTERNAL', 'this plugin cannot verify escrow');
+      const report = await ctx.core.verifyEscrow(signal, request.renew_canary === true);
+      return { ok: report.ok, report_json: JSON.stringify(report) };
+    }),
   };
 }
 

@@ -52,3 +52,10 @@ export interface V1DecryptResponse {
 export interface AdminStatusResponse {
   status_json: string;
 }
+export interface AdminVerifyRequest {
+  renew_canary: boolean;
+}
+export interface AdminVerifyResponse {
+  ok: boolean;
+  report_json: string;
+}

@@ -132,6 +132,47 @@ export class Metrics {
     registers: [this.registry],
   });
 
+  readonly escrowVerified = new Gauge({
+    name: 'trousseau_backend_escrow_verified',
+    help: '1 when the last escrow verification proved this backend alone decrypts a canary envelope, 0 when it did not.',
+    labelNames: ['backend'] as const,
+    registers: [this.registry],
+  });
+
+  readonly escrowLastVerified = new Gauge({
+    name: 'trousseau_backend_escrow_last_verified_timestamp_seconds',
+    help: 'Unix time of the last escrow verification this backend passed.',
+    labelNames: ['backend'] as const,
+    registers: [this.registry],
+  });
+
+  readonly escrowFailures = new Counter({
+    name: 'trousseau_backend_escrow_failures_total',
+    help: 'Failed escrow verifications per backend, by the step that failed and the error class.',
+    labelNames: ['backend', 'stage', 'code'] as const,
+    registers: [this.registry],
+  });
+
+  readonly escrowRuns = new Counter({
+    name: 'trousseau_escrow_verifications_total',
+    help: 'Escrow verification runs; result "pass" when every backend alone could decrypt.',
+    labelNames: ['result'] as const,
+    registers: [this.registry],
+  });
+
+  readonly escrowLastRun = new Gauge({
+    name: 'trousseau_escrow_last_run_timestamp_seconds',
+    help: 'Unix time the last escrow verification finished.',
+    registers: [this.registry],
+  });
+
+  readonly credentialExpiry = new Gauge({
+    name: 'trousseau_backend_credential_expiry_timestamp_seconds',
+    help: 'Unix time the backend\'s current token or credential expires, for backends that know it.',
+    labelNames: ['backend'] as const,
+    registers: [this.registry],
+  });
+
   constructor(options: { processMetrics?: boolean } = {}) {
     if (options.processMetrics) collectDefaultMetrics({ register: this.registry, prefix: 'trousseau_' });
   }

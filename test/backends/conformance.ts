@@ -126,7 +126,7 @@ export function runBackendConformance(test: TestFn, target: ConformanceTarget): 
       // the middle byte can fall inside it.
       corrupted[corrupted.length - 1]! ^= 0xff;
       const error = await t.throwsAsync(backend.unwrap(corrupted, keyVersion, context, signal()));
-      const text = (error as Error).message;
+      const text = (error).message;
       for (const needle of [dataKey.toString('hex'), dataKey.toString('base64'), Buffer.from(wrapped).toString('base64')]) {
         t.false(text.includes(needle));
       }

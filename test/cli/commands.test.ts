@@ -1,0 +1,102 @@
+/**
+ * The offline CLI commands, run as the user runs them: validate, keygen, inspect.
+ */
+import test from 'ava';
+import { readFile, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { formatEnvelopeDocument } from '../../src/cli/envelope-document.ts';
+import { runCli, startHarness, tempDir } from '../helpers/plugin-harness.ts';
+
+test('validate accepts a good configuration', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'good.yaml');
+  await writeFile(
+    file,
+    ['quorum: 2', 'backends:', ...['a', 'b', 'c'].flatMap((n) => [`  - name: ${n}`, '    type: local', `    keyFile: ${n}.key`])].join('\n'),
+  );
+  const result = await runCli(['validate', '-c', file]);
+  t.is(result.code, 0, result.stderr);
+  t.regex(result.stdout, /valid \(3 backends: a\/local, b\/local, c\/local; quorum 2\)/);
+});
+
+test('validate names the bad field and echoes the bad value, exit code 1', async (t) => {
+  const dir = await tempDir(t);
+  const cases: { yaml: string; field: RegExp; value: RegExp }[] = [
+    {
+      yaml: 'quorum: 2\nbackends:\n  - name: a\n    type: local\n    keyFile: a.key\n    timeoutMs: 5\n  - name: b\n    type: local\n    keyFile: b.key\n',
+      field: /backends\.0\.timeoutMs/,
+      value: /got 5\b/,
+    },
+    { yaml: 'quorum: 7\nbackends:\n  - name: a\n    type: local\n    keyFile: a.key\n', field: /quorum/, value: /got 7\b/ },
+    { yaml: 'quorum: 1\nbackends:\n  - name: Bad_Name\n    type: local\n    keyFile: a.key\n', field: /backends\.0\.name/, value: /got "Bad_Name"/ },
+    { yaml: 'quorum: 1\nsocket:\n  mode: "0666"\nbackends:\n  - name: a\n    type: local\n    keyFile: a.key\n', field: /socket\.mode/, value: /got "0666"/ },
+  ];
+  for (const [i, c] of cases.entries()) {
+    const file = path.join(dir, `bad-${i}.yaml`);
+    await writeFile(file, c.yaml);
+    const result = await runCli(['validate', '-c', file]);
+    t.is(result.code, 1, `case ${i}: ${result.stdout}`);
+    t.regex(result.stderr, c.field, `case ${i}`);
+    t.regex(result.stderr, c.value, `case ${i}`);
+    t.notRegex(result.stderr, /\n\s+at /, 'no stack trace');
+  }
+});
+
+test('keygen creates a 0600 key file and refuses to overwrite it', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'new.key');
+  const created = await runCli(['keygen', file]);
+  t.is(created.code, 0, created.stderr);
+  t.regex(created.stdout, /created key version [0-9a-f]{16}/);
+  t.is((await stat(file)).mode & 0o777, 0o600);
+  const content = await readFile(file, 'utf8');
+  t.is(Buffer.from(content.trim(), 'base64').length, 32);
+  t.false(created.stdout.includes(content.trim()), 'keygen printed the key');
+
+  const again = await runCli(['keygen', file]);
+  t.is(again.code, 1);
+  t.regex(again.stderr, /EEXIST|exists/);
+  t.is(await readFile(file, 'utf8'), content, 'the existing key was overwritten');
+
+  const rotated = await runCli(['keygen', '--rotate', file]);
+  t.is(rotated.code, 0, rotated.stderr);
+  const lines = (await readFile(file, 'utf8')).trim().split('\n');
+  t.is(lines.length, 2);
+  t.is(lines[1], content.trim(), 'rotation must keep the old key after the new one');
+  t.is((await stat(file)).mode & 0o777, 0o600);
+});
+
+test('inspect shows the copies and no secret', async (t) => {
+  const h = await startHarness(t);
+  const plaintext = Buffer.from('INSPECT-PLAINTEXT-MARKER');
+  // Large enough that some copies move to annotations.
+  const big = Buffer.concat([plaintext, Buffer.alloc(680, 0x41)]);
+  for (const p of [plaintext, big]) {
+    const encrypted = await h.encrypt(p);
+    const file = path.join(h.dir, 'envelope.json');
+    await writeFile(file, formatEnvelopeDocument(encrypted.ciphertext, encrypted.key_id, encrypted.annotations));
+    const result = await runCli(['inspect', file]);
+    t.is(result.code, 0, result.stderr);
+    const doc = JSON.parse(result.stdout) as { keyId: string; quorum: number; copies: { backend: string; present: boolean; location: string }[] };
+    t.is(doc.keyId, encrypted.key_id);
+    t.is(doc.quorum, 2);
+    t.deepEqual(
+      doc.copies.map((c) => [c.backend, c.present]),
+      [
+        ['a', true],
+        ['b', true],
+        ['c', true],
+      ],
+    );
+    if (p === big) t.true(doc.copies.some((c) => c.location === 'annotation'));
+    const shown = result.stdout + result.stderr;
+    t.false(shown.includes('INSPECT-PLAINTEXT-MARKER'));
+    for (const keyFile of h.keyFiles.values()) t.false(shown.includes((await readFile(keyFile, 'utf8')).trim()));
+    for (const wrapped of Object.values(encrypted.annotations)) t.false(shown.includes(wrapped.toString('base64')));
+    t.false(shown.includes(encrypted.ciphertext.toString('base64')));
+  }
+  // stdin works too, and garbage is a clean error.
+  const bad = await runCli(['inspect'], { input: 'not an envelope' });
+  t.is(bad.code, 1);
+  t.regex(bad.stderr, /^trousseau: /);
+});

@@ -1,0 +1,112 @@
+/**
+ * `trousseau serve` as a real child process: SIGTERM drains an in-flight Decrypt and
+ * exits 0 without leaving the socket, and the core issue's "done when" scenario
+ * (lose two of three dev key files, keep reading, never recreate them).
+ */
+import test from 'ava';
+import { execFileSync } from 'node:child_process';
+import { constants, lstat, open, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { status } from '@grpc/grpc-js';
+import { LocalKeyBackend, generateKeyFile } from '../../src/backends/local.ts';
+import { call, clientsFor } from '../../src/cli/client.ts';
+import { parseConfig } from '../../src/config/load.ts';
+import type * as T from '../../src/kms/types.ts';
+import { silentLogger } from '../../src/observability/logger.ts';
+import { Metrics } from '../../src/observability/metrics.ts';
+import { Plugin } from '../../src/plugin.ts';
+import { eventually, grpcError, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
+
+test.serial('SIGTERM while a Decrypt is in flight: the call completes, the process exits 0, the socket is removed', async (t) => {
+  const dir = await tempDir(t);
+  const socketPath = path.join(dir, 'kms.sock');
+  // An envelope wrapped under an old key...
+  const oldKey = path.join(dir, 'old.key');
+  await generateKeyFile(oldKey);
+  const config = parseConfig({ quorum: 1, backends: [{ name: 'slow', type: 'local', keyFile: oldKey }] });
+  const writer = new Plugin({ config, baseDir: dir, logger: silentLogger(), metrics: new Metrics(), backends: [new LocalKeyBackend('slow', oldKey)] });
+  await writer.start();
+  const plaintext = Buffer.from('in flight across SIGTERM');
+  const envelope = await writer.encrypt(plaintext, 'v2', new AbortController().signal);
+  await writer.close();
+  // ...that the server can only unwrap through a FIFO listed in previousKeyFiles: its
+  // Decrypt blocks reading the FIFO until the test writes the old key into it, which
+  // keeps the call in flight for as long as the test needs, deterministically.
+  const fifo = path.join(dir, 'old.fifo');
+  execFileSync('mkfifo', ['-m', '600', fifo]);
+  await generateKeyFile(path.join(dir, 'current.key'));
+  await writeFile(
+    path.join(dir, 'config.yaml'),
+    JSON.stringify({
+      socket: { path: socketPath },
+      quorum: 1,
+      backends: [{ name: 'slow', type: 'local', keyFile: 'current.key', previousKeyFiles: ['old.fifo'], timeoutMs: 2900 }],
+      decrypt: { deadlineMs: 2900, hedging: { enabled: false } },
+      shutdown: { drainTimeoutMs: 5000 },
+    }),
+  );
+  const serve = await spawnServe(t, ['--config', path.join(dir, 'config.yaml')], socketPath);
+  const clients = clientsFor(socketPath);
+  t.teardown(() => clients.close());
+
+  const decrypting = call<T.V2DecryptRequest, T.V2DecryptResponse>(
+    clients.v2,
+    'Decrypt',
+    { ciphertext: envelope.ciphertext, uid: 'drain', key_id: envelope.keyId, annotations: Object.fromEntries(envelope.annotations) as Record<string, Buffer> },
+    10_000,
+  );
+  // Opening the FIFO without blocking succeeds only once the server is reading it: the Decrypt is in flight.
+  const handle = await eventually(() => open(fifo, constants.O_WRONLY | constants.O_NONBLOCK).catch(() => undefined), 5000, 10);
+  t.teardown(() => handle.close().catch(() => undefined));
+  serve.child.kill('SIGTERM');
+  await eventually(() => (serve.stderr.includes('shutting down') ? true : undefined), 5000);
+  t.regex(serve.stderr, /"inFlight":1[,}].*shutting down/);
+  await handle.write(await readFile(oldKey));
+  await handle.close();
+
+  const response = await decrypting;
+  t.deepEqual(response.plaintext, plaintext);
+  t.is(await serve.exited, 0);
+  await t.throwsAsync(lstat(socketPath), { code: 'ENOENT' });
+});
+
+test.serial('done when: dev mode survives losing two of three key files, Decrypt works, Encrypt is UNAVAILABLE, nothing is recreated', async (t) => {
+  const dir = await tempDir(t);
+  const socketPath = path.join(dir, 'kms.sock');
+  const args = ['--dev', '--data-dir', dir, '--socket', socketPath, '--log-level', 'warn'];
+
+  let serve = await spawnServe(t, args, socketPath);
+  let clients = clientsFor(socketPath);
+  const plaintext = Buffer.from('written with three local keys');
+  const envelope = await call<T.V2EncryptRequest, T.V2EncryptResponse>(clients.v2, 'Encrypt', { plaintext, uid: 'done-when' });
+  const first = await call<object, T.V2StatusResponse>(clients.v2, 'Status', {});
+  t.is(envelope.key_id, first.key_id);
+  clients.close();
+  t.is(await serve.terminate(), 0);
+  await t.throwsAsync(lstat(socketPath), { code: 'ENOENT' });
+  t.deepEqual((await readdir(dir)).sort(), ['.keys-initialised', 'local-a.key', 'local-b.key', 'local-c.key']);
+
+  await rm(path.join(dir, 'local-b.key'));
+  await rm(path.join(dir, 'local-c.key'));
+
+  serve = await spawnServe(t, args, socketPath);
+  clients = clientsFor(socketPath);
+  t.teardown(() => clients.close());
+  const decrypted = await call<T.V2DecryptRequest, T.V2DecryptResponse>(clients.v2, 'Decrypt', {
+    ciphertext: envelope.ciphertext,
+    uid: 'done-when',
+    key_id: envelope.key_id,
+    annotations: envelope.annotations,
+  });
+  t.deepEqual(decrypted.plaintext, plaintext);
+  const error = await grpcError(t, call<T.V2EncryptRequest, T.V2EncryptResponse>(clients.v2, 'Encrypt', { plaintext, uid: 'done-when' }));
+  t.is(error.code, status.UNAVAILABLE);
+  const s = await call<object, T.V2StatusResponse>(clients.v2, 'Status', {});
+  t.is(s.healthz, 'ok');
+  t.is(s.version, 'v2');
+  t.not(s.key_id, first.key_id);
+  t.deepEqual((await readdir(dir)).filter((f) => f.endsWith('.key')), ['local-a.key'], 'deleted key files were recreated');
+  clients.close();
+  t.is(await serve.terminate(), 0);
+  t.deepEqual((await readdir(dir)).sort(), ['.keys-initialised', 'local-a.key']);
+});
