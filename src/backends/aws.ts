@@ -49,7 +49,9 @@ export const awsConfigSchema = z
     assumeRole: z
       .object({
         roleArn: z.string().regex(/^arn:aws(?:-[a-z]+)*:iam::\d{12}:role\/[\w+=,.@/-]+$/, 'must be an IAM role ARN'),
-        externalId: z.string().regex(/^[\w+=,.@:/-]{2,1224}$/).optional(),
+        // Length outside the pattern: Go's RE2 (helm validates the chart's values against
+        // this schema) refuses repeat counts above 1000, such as {2,1224}.
+        externalId: z.string().min(2).max(1224).regex(/^[\w+=,.@:/-]+$/).optional(),
         sessionName: z
           .string()
           .regex(/^[\w+=,.@-]{2,64}$/)
