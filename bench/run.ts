@@ -6,13 +6,17 @@
  *
  *   npm run bench                    full matrix, table on stdout
  *   npm run bench -- --quick --json  3 backends, concurrency 16, one JSON line
+ *   npm run bench -- --scenario fanout|failover|hedging|storm|all [--json]
+ *                                    injected-latency scenarios (bench/scenarios.ts)
+ *
+ * BENCH_PLUGIN_NODE_ARGS passes flags to the plugin process (e.g. --cpu-prof).
  *
  * Results are recorded in docs/performance.md.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import os, { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { generateKeyFile } from '../src/backends/local.ts';
@@ -24,8 +28,17 @@ const { values: args } = parseArgs({
     quick: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
     seconds: { type: 'string' },
+    scenario: { type: 'string', multiple: true },
   },
 });
+
+if (args.scenario?.length) {
+  const { runScenarios } = await import('./scenarios.ts');
+  const results = await runScenarios(args.scenario);
+  if (args.json) console.log(JSON.stringify({ node: process.version, cpus: os.availableParallelism(), ...results }));
+  else console.log(JSON.stringify(results, null, 2));
+  process.exit(0);
+}
 
 const root = path.resolve(import.meta.dirname, '..');
 const seconds = Number(args.seconds ?? (args.quick ? 3 : 5));
@@ -43,11 +56,21 @@ interface Result {
   p999: number;
   errors: number;
   rssMiB: number;
+  /** Plugin process CPU time (user + system) per operation, in microseconds: what the plugin costs, whatever else runs on the machine. */
+  cpuUsPerOp: number;
+  /** Machine load average (1 / 5 / 15 min) when the cell started: the machine may be shared. */
+  load: string;
 }
 
 function percentile(sorted: Float64Array, p: number): number {
   if (sorted.length === 0) return NaN;
   return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!;
+}
+
+/** User + system CPU seconds of a process so far (/proc/<pid>/stat, fields 14 and 15, in clock ticks of 10 ms). */
+function cpuSeconds(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
 function rssMiB(pid: number): number {
@@ -122,7 +145,11 @@ async function benchBackends(backends: number): Promise<Result[]> {
           operation === 'encrypt'
             ? () => call(clients.v2, 'Encrypt', { plaintext: seed, uid: 'bench' })
             : () => call(clients.v2, 'Decrypt', decryptRequest);
+        const load = os.loadavg().map((x) => x.toFixed(2)).join(' / ');
+        const cpuBefore = cpuSeconds(child.pid!);
         const run = await measure(operation, concurrency, fire);
+        // Includes the warm-up calls measure() makes; they are a small share of a cell.
+        const cpuUsPerOp = Math.round(((cpuSeconds(child.pid!) - cpuBefore) * 1e6) / Math.max(1, run.ops + concurrency));
         results.push({
           backends,
           concurrency,
@@ -134,6 +161,8 @@ async function benchBackends(backends: number): Promise<Result[]> {
           p999: round(percentile(run.latencies, 99.9)),
           errors: run.errors,
           rssMiB: rssMiB(child.pid!),
+          cpuUsPerOp,
+          load,
         });
       }
     }
@@ -157,11 +186,11 @@ if (args.json) {
   const pick = (operation: Result['operation']) => all.find((r) => r.operation === operation && r.backends === 3 && r.concurrency === 16) ?? all.find((r) => r.operation === operation)!;
   console.log(JSON.stringify({ node: process.version, seconds, encrypt: pick('encrypt'), decrypt: pick('decrypt'), results: all }));
 } else {
-  console.log(`Node ${process.version}, ${seconds} s per cell, local key backends, quorum min(2, n)\n`);
-  console.log('backends  conc  op       ops/s   p50 ms  p99 ms  p99.9 ms  errors  plugin RSS MiB');
+  console.log(`Node ${process.version}, ${os.availableParallelism()} CPUs, ${seconds} s per cell, local key backends, quorum min(2, n)\n`);
+  console.log('backends  conc  op       ops/s   p50 ms  p99 ms  p99.9 ms  errors  plugin RSS MiB  plugin CPU µs/op  load 1/5/15 min');
   for (const r of all) {
     console.log(
-      `${String(r.backends).padStart(8)}  ${String(r.concurrency).padStart(4)}  ${r.operation.padEnd(7)}  ${String(r.opsPerSec).padStart(6)}  ${r.p50.toFixed(2).padStart(6)}  ${r.p99.toFixed(2).padStart(6)}  ${r.p999.toFixed(2).padStart(8)}  ${String(r.errors).padStart(6)}  ${String(r.rssMiB).padStart(14)}`,
+      `${String(r.backends).padStart(8)}  ${String(r.concurrency).padStart(4)}  ${r.operation.padEnd(7)}  ${String(r.opsPerSec).padStart(6)}  ${r.p50.toFixed(2).padStart(6)}  ${r.p99.toFixed(2).padStart(6)}  ${r.p999.toFixed(2).padStart(8)}  ${String(r.errors).padStart(6)}  ${String(r.rssMiB).padStart(14)}  ${String(r.cpuUsPerOp).padStart(16)}  ${r.load}`,
     );
   }
 }

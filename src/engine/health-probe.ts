@@ -10,7 +10,7 @@
  */
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import type { Logger } from 'pino';
-import { TrousseauError, errorCodeOf } from '../errors.ts';
+import { TrousseauError, errorCodeOf, isTrousseauError } from '../errors.ts';
 import type { GuardedBackend } from './guarded-backend.ts';
 
 export interface ProbeSettings {
@@ -92,7 +92,10 @@ export class HealthProber {
     this.failures.set(backend.name, failures);
     if (result.ok !== before || (!result.ok && failures === 1)) {
       const level = result.ok ? 'info' : 'warn';
-      this.logger[level]({ backend: backend.name, ok: result.ok, code: result.ok ? undefined : errorCodeOf(result.error) }, 'backend health probe');
+      // Our messages are written to be shown (never an SDK's raw text) and are the only
+      // place that says why: "key file ... readable by others; chmod 600 it".
+      const reason = !result.ok && isTrousseauError(result.error) ? result.error.message : undefined;
+      this.logger[level]({ backend: backend.name, ok: result.ok, code: result.ok ? undefined : errorCodeOf(result.error), reason }, 'backend health probe');
     }
     this.onProbed();
     return result;
