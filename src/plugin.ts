@@ -102,6 +102,7 @@ export class Plugin implements KmsCore {
         if (this.started) this.keyIds.current();
       },
     );
+    for (const backend of this.backends) backend.onSuspect = () => this.prober.probeSoon(backend);
     const { canaryFile, ...escrow } = config.escrow;
     this.escrow = new EscrowVerifier(
       this.engine,

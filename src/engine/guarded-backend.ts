@@ -18,7 +18,7 @@
 import CircuitBreaker from 'opossum';
 import type { Logger } from 'pino';
 import type { KeyBackend, WrapContext, WrappedKey } from '../backends/backend.ts';
-import { TrousseauError, errorCodeOf, type ErrorCode } from '../errors.ts';
+import { TrousseauError, errorCodeOf, isTrousseauError, type ErrorCode } from '../errors.ts';
 import { DATA_KEY_BYTES, MAX_KEY_VERSION_BYTES, MAX_WRAPPED_BYTES } from '../envelope/limits.ts';
 import type { BackendOperation, BackendOutcome, Metrics } from '../observability/metrics.ts';
 import { linkedSignal } from './abort.ts';
@@ -89,6 +89,9 @@ export class GuardedBackend {
   private lastSuccessAt: number | undefined;
   private healthySince: number | undefined;
   private everUnhealthy = false;
+  private overtakenInARow = 0;
+  /** Called when the backend keeps losing to hedges; the plugin asks for a probe. */
+  onSuspect: () => void = () => undefined;
   private keyVersion: string | undefined;
   readonly backend: KeyBackend;
   private readonly settings: GuardSettings;
@@ -248,7 +251,7 @@ export class GuardedBackend {
         // (client gone, hedge lost, quorum reached) says nothing about the backend,
         // whatever reason the caller's signal carried.
         if (callerSignal.aborted && !timeout.aborted && errorCodeOf(error) !== 'BACKEND_REJECTED') {
-          throw new TrousseauError('CANCELLED', `call to backend ${this.name} was abandoned`, { cause: error });
+          throw this.abandoned(callerSignal, error);
         }
         throw error;
       }
@@ -263,6 +266,7 @@ export class GuardedBackend {
       this.metrics.backendLatency.observe({ backend: this.name, operation }, elapsed / 1000);
       this.metrics.backendRequests.inc({ backend: this.name, operation, outcome: 'success' });
       this.lastSuccessAt = this.now();
+      this.overtakenInARow = 0;
       this.metrics.lastSuccess.set({ backend: this.name }, this.lastSuccessAt / 1000);
       return result;
     } catch (raw) {
@@ -281,12 +285,31 @@ export class GuardedBackend {
     }
   }
 
+  /**
+   * A call the caller gave up on. Usually that says nothing about the backend (client
+   * gone, quorum reached, another copy won) and is CANCELLED. But when the caller gave
+   * up because this backend was too slow (a deadline of the whole operation, or a
+   * hedge that overtook it), it is a DEADLINE and counts against the breaker.
+   */
+  private abandoned(callerSignal: AbortSignal, cause: unknown): TrousseauError {
+    const reason: unknown = callerSignal.reason;
+    if (reason === OVERTAKEN_BY_HEDGE && ++this.overtakenInARow % SUSPECT_AFTER_OVERTAKEN === 0) this.onSuspect();
+    if (isTrousseauError(reason) && reason.code === 'DEADLINE') {
+      return new TrousseauError('DEADLINE', `backend ${this.name} was too slow: ${reason.message}`, { cause });
+    }
+    return new TrousseauError('CANCELLED', `call to backend ${this.name} was abandoned`, { cause });
+  }
+
   /** Turn whatever the call threw into a TrousseauError with a safe message. */
   private classify(raw: unknown, callerSignal: AbortSignal, timeout: { readonly aborted: boolean }): TrousseauError {
     if ((raw as { code?: unknown }).code === 'EOPENBREAKER') {
       return new TrousseauError('BREAKER_OPEN', `backend ${this.name} is failing; its circuit breaker is open`);
     }
-    if (callerSignal.aborted) return new TrousseauError('CANCELLED', `call to backend ${this.name} was abandoned`, { cause: raw });
+    if (callerSignal.aborted) {
+      // Already classified inside the action (see there); anything else was abandoned too.
+      if (isTrousseauError(raw) && (raw.code === 'CANCELLED' || raw.code === 'DEADLINE')) return raw;
+      return this.abandoned(callerSignal, raw);
+    }
     if (timeout.aborted) {
       return new TrousseauError('DEADLINE', `backend ${this.name} did not answer within ${this.settings.timeoutMs} ms`, { cause: raw });
     }
@@ -296,6 +319,15 @@ export class GuardedBackend {
     return new TrousseauError('BACKEND_UNAVAILABLE', `backend ${this.name} failed unexpectedly`, { cause: raw });
   }
 }
+
+/**
+ * Abort reason for an unwrap that a hedge started after it answered first. Like any
+ * abandoned call it does not count against the breaker (a slow answer is not a
+ * failure), but several in a row make the backend suspect: `onSuspect` then asks for
+ * a health probe, which tells a slow backend from a dead one.
+ */
+export const OVERTAKEN_BY_HEDGE = new TrousseauError('CANCELLED', 'overtaken by a hedged copy');
+const SUSPECT_AFTER_OVERTAKEN = 3;
 
 const CALL_TIMED_OUT = new TrousseauError('DEADLINE', 'backend call timed out');
 

@@ -47,6 +47,8 @@ export async function probeBackend(backend: GuardedBackend, signal: AbortSignal)
 export class HealthProber {
   private readonly timers = new Map<string, NodeJS.Timeout>();
   private readonly failures = new Map<string, number>();
+  private readonly probing = new Set<string>();
+  private readonly lastProbeAt = new Map<string, number>();
   private readonly controller = new AbortController();
   private stopped = false;
   private readonly backends: readonly GuardedBackend[];
@@ -84,7 +86,9 @@ export class HealthProber {
   }
 
   private async probeOnce(backend: GuardedBackend): Promise<ProbeResult> {
-    const result = await probeBackend(backend, this.controller.signal);
+    this.probing.add(backend.name);
+    this.lastProbeAt.set(backend.name, Date.now());
+    const result = await probeBackend(backend, this.controller.signal).finally(() => this.probing.delete(backend.name));
     if (this.stopped) return result;
     const before = backend.usable;
     backend.recordProbe(result.ok, result.error);
@@ -99,6 +103,21 @@ export class HealthProber {
     }
     this.onProbed();
     return result;
+  }
+
+  /**
+   * Probe `backend` now instead of at its next turn: the engine suspects it (it keeps
+   * losing to hedges). A slow backend passes and stays in use; a black-holed one fails
+   * the probe within its timeout and moves behind the others, instead of costing every
+   * Decrypt a hedge delay until the next scheduled probe. At most one probe at a time
+   * per backend, and none sooner than minBackoffMs after the last.
+   */
+  probeSoon(backend: GuardedBackend): void {
+    if (this.stopped || !this.timers.has(backend.name) || this.probing.has(backend.name)) return;
+    if (Date.now() - (this.lastProbeAt.get(backend.name) ?? 0) < this.settings.minBackoffMs) return;
+    clearTimeout(this.timers.get(backend.name));
+    this.timers.delete(backend.name);
+    void this.probeOnce(backend).finally(() => this.schedule(backend));
   }
 
   private schedule(backend: GuardedBackend): void {

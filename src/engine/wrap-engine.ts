@@ -14,12 +14,12 @@
  */
 import type { Logger } from 'pino';
 import { TrousseauError, errorCodeOf, type ErrorCode } from '../errors.ts';
-import { envelopeSize, matchesCommitment, newDataKey, newEnvelopeId, openPayload, sealEnvelope } from '../envelope/crypto.ts';
+import { dataKeyMaterial, envelopeSize, matchesCommitment, newDataKey, newEnvelopeId, openPayload, sealEnvelope } from '../envelope/crypto.ts';
 import { parseEnvelope, type CopyEntry, type ParsedEnvelope } from '../envelope/format.ts';
 import { V2_MAX_CIPHERTEXT_BYTES } from '../envelope/limits.ts';
 import { placeCopies, type Transport, type WrappedCopy } from '../envelope/placement.ts';
 import type { Metrics } from '../observability/metrics.ts';
-import type { GuardedBackend } from './guarded-backend.ts';
+import { OVERTAKEN_BY_HEDGE, type GuardedBackend } from './guarded-backend.ts';
 import { linkedSignal } from './abort.ts';
 import { HedgeBudget } from './hedge-budget.ts';
 
@@ -220,10 +220,12 @@ export class WrapEngine {
     return usable.sort((a, b) => {
       const x = a.backend;
       const y = b.backend;
+      // Backends known to be down (open breaker, failed probe) only when nothing else is
+      // left, whatever their priority; then priority, closed before half-open, latency.
       return (
+        (x.usable ? 0 : 1) - (y.usable ? 0 : 1) ||
         x.priority - y.priority ||
         BREAKER_RANK[x.breakerState] - BREAKER_RANK[y.breakerState] ||
-        (x.usable === y.usable ? 0 : x.usable ? -1 : 1) ||
         (x.latency.percentile(50) ?? Infinity) - (y.latency.percentile(50) ?? Infinity)
       );
     });
@@ -249,12 +251,17 @@ export class WrapEngine {
       let running = 0;
       let done = false;
       let hedgeTimer: NodeJS.Timeout | undefined;
+      // Attempts still running; `overtaken` marks one that was slow enough to be hedged.
+      const attemptsInFlight = new Set<{ controller: AbortController; overtaken: boolean }>();
 
       const settle = (outcome: { result: DecryptResult } | { error: TrousseauError }) => {
         if (done) return;
         done = true;
         clearTimeout(hedgeTimer);
         signal.removeEventListener('abort', onAbort);
+        // An attempt that a later hedge beat is marked so its backend can notice it keeps
+        // losing (see GuardedBackend): hedges would otherwise hide a black-holed backend.
+        for (const attempt of attemptsInFlight) attempt.controller.abort(attempt.overtaken ? OVERTAKEN_BY_HEDGE : ANOTHER_COPY_WON);
         won.abort(ANOTHER_COPY_WON);
         if ('result' in outcome) resolve(outcome.result);
         else reject(outcome.error);
@@ -283,18 +290,27 @@ export class WrapEngine {
         running++;
         if (reason === 'failover') this.metrics.decryptFailovers.inc();
         const isHedge = reason === 'hedge';
+        const attempt = { controller: new AbortController(), overtaken: false };
+        attemptsInFlight.add(attempt);
+        const attemptSignal = attempt.controller.signal;
         clearTimeout(hedgeTimer);
         // Schedule a hedge behind this attempt if there is another copy to try.
         if (this.settings.hedging.enabled && next < candidates.length) {
           hedgeTimer = setTimeout(() => {
             if (!done && this.hedgeBudget.trySpend()) {
               this.metrics.decryptHedges.inc();
+              attempt.overtaken = true;
               launch('hedge');
             }
           }, this.hedgeDelay(backend));
           hedgeTimer.unref();
         }
-        this.attempt(envelope, copy, backend, signal).then(
+        const onRaceAbort = () => attempt.controller.abort(signal.reason);
+        signal.addEventListener('abort', onRaceAbort, { once: true });
+        this.attempt(envelope, copy, backend, attemptSignal).finally(() => {
+          attemptsInFlight.delete(attempt);
+          signal.removeEventListener('abort', onRaceAbort);
+        }).then(
           (plaintext) => {
             if (isHedge && !done) this.metrics.decryptHedgesWon.inc();
             settle({ result: { plaintext, unwrappedBy: backend.name, formatVersion: envelope.formatVersion } });
@@ -322,13 +338,15 @@ export class WrapEngine {
   private async attempt(envelope: ParsedEnvelope, copy: CopyEntry & { wrapped: Uint8Array }, backend: GuardedBackend, signal: AbortSignal): Promise<Buffer> {
     const dataKey = await backend.unwrap(copy.wrapped, copy.keyVersion, { envelopeId: envelope.envelopeId, backendName: backend.name }, signal);
     try {
-      if (!matchesCommitment(dataKey, envelope)) {
+      // The guard checked it is exactly 32 bytes; one KeyObject serves both derivations.
+      const material = dataKeyMaterial(dataKey);
+      if (!matchesCommitment(material, envelope)) {
         this.metrics.commitmentMismatches.inc({ backend: backend.name });
         this.logger.warn({ backend: backend.name }, 'unwrapped key does not match the envelope commitment: copy tampered with');
         throw new TrousseauError('TAMPERED', `copy from ${backend.name} wraps a different key`);
       }
       try {
-        return openPayload(envelope, dataKey);
+        return openPayload(envelope, material);
       } catch (error) {
         throw new EnvelopeAlteredError(error as TrousseauError);
       }

@@ -11,7 +11,7 @@
  * - The header is the payload's AAD, so dropping, reordering, swapping or splicing
  *   copies, or changing the quorum or the version, makes the payload fail to open.
  */
-import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createSecretKey, hkdfSync, randomBytes, timingSafeEqual, type KeyObject } from 'node:crypto';
 import { TrousseauError } from '../errors.ts';
 import { COMMITMENT_BYTES, NONCE_BYTES, TAG_BYTES, encodeHeader, headerSize, type CopyToEncode, type ParsedEnvelope } from './format.ts';
 import { DATA_KEY_BYTES, ENVELOPE_ID_BYTES, MAX_PLAINTEXT_BYTES } from './limits.ts';
@@ -27,17 +27,28 @@ export function newEnvelopeId(): Buffer {
   return randomBytes(ENVELOPE_ID_BYTES);
 }
 
-function derive(dataKey: Uint8Array, envelopeId: Uint8Array, info: Buffer): Buffer {
+/** A data key as HKDF input. Build it once per key: hkdfSync would otherwise make a KeyObject per derivation. */
+export type DataKeyMaterial = Uint8Array | KeyObject;
+
+export function dataKeyMaterial(dataKey: Uint8Array): KeyObject {
+  return createSecretKey(dataKey);
+}
+
+function derive(dataKey: DataKeyMaterial, envelopeId: Uint8Array, info: Buffer): Buffer {
   return Buffer.from(hkdfSync('sha256', dataKey, envelopeId, info, 32));
 }
 
-export function keyCommitment(dataKey: Uint8Array, envelopeId: Uint8Array): Buffer {
+function keyLength(dataKey: DataKeyMaterial): number {
+  return dataKey instanceof Uint8Array ? dataKey.length : (dataKey.symmetricKeySize ?? 0);
+}
+
+export function keyCommitment(dataKey: DataKeyMaterial, envelopeId: Uint8Array): Buffer {
   return derive(dataKey, envelopeId, COMMITMENT_INFO);
 }
 
 /** Constant-time check that `candidate` is the key the envelope committed to. */
-export function matchesCommitment(candidate: Uint8Array, envelope: Pick<ParsedEnvelope, 'envelopeId' | 'commitment'>): boolean {
-  if (candidate.length !== DATA_KEY_BYTES) return false;
+export function matchesCommitment(candidate: DataKeyMaterial, envelope: Pick<ParsedEnvelope, 'envelopeId' | 'commitment'>): boolean {
+  if (keyLength(candidate) !== DATA_KEY_BYTES) return false;
   const expected = keyCommitment(candidate, envelope.envelopeId);
   return expected.length === envelope.commitment.length && timingSafeEqual(expected, envelope.commitment);
 }
@@ -55,16 +66,17 @@ export interface SealInput {
 export function sealEnvelope(input: SealInput): Buffer {
   if (input.plaintext.length > MAX_PLAINTEXT_BYTES) throw new TrousseauError('INVALID_INPUT', 'plaintext too large');
   const nonce = randomBytes(NONCE_BYTES);
+  const material = dataKeyMaterial(input.dataKey);
   const header = encodeHeader({
     envelopeId: input.envelopeId,
     quorum: input.quorum,
     configuredBackends: input.configuredBackends,
     copies: input.copies,
-    commitment: keyCommitment(input.dataKey, input.envelopeId),
+    commitment: keyCommitment(material, input.envelopeId),
     nonce,
     payloadLength: input.plaintext.length + TAG_BYTES,
   });
-  const payloadKey = derive(input.dataKey, input.envelopeId, PAYLOAD_KEY_INFO);
+  const payloadKey = derive(material, input.envelopeId, PAYLOAD_KEY_INFO);
   try {
     const cipher = createCipheriv('aes-256-gcm', payloadKey, nonce);
     cipher.setAAD(header);
@@ -83,7 +95,7 @@ export function envelopeSize(copies: readonly CopyToEncode[], plaintextLength: n
  * Open the payload with a data key that already passed matchesCommitment. A failure
  * here means the header or payload was altered: no other copy can do better.
  */
-export function openPayload(envelope: ParsedEnvelope, dataKey: Uint8Array): Buffer {
+export function openPayload(envelope: ParsedEnvelope, dataKey: DataKeyMaterial): Buffer {
   const payloadKey = derive(dataKey, envelope.envelopeId, PAYLOAD_KEY_INFO);
   try {
     const sealed = envelope.sealedPayload;

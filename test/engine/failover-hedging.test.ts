@@ -5,7 +5,7 @@
  */
 import test from 'ava';
 import { hang, latency, ok, unavailable } from '../helpers/fault-backend.ts';
-import { startHarness, type HarnessOptions } from '../helpers/plugin-harness.ts';
+import { eventually, startHarness, type HarnessOptions } from '../helpers/plugin-harness.ts';
 
 const PLAINTEXT = Buffer.alloc(32, 9);
 
@@ -96,4 +96,27 @@ test.serial('hedge budget: with a slow preferred backend, 200 Decrypts hedge abo
   t.true(hedges >= burst, `only ${hedges} hedges: hedging does not work`);
   t.true(hedges <= allowed + 2, `${hedges} hedges for 200 decrypts: the budget allows about ${allowed}`);
   t.log(`${hedges} hedges over 200 decrypts`);
+});
+
+test.serial('a black-holed preferred backend that keeps losing to hedges is probed at once and moved behind the other', async (t) => {
+  // Probes every minute only: without the early probe the hanging backend would keep
+  // costing each Decrypt a hedge delay (or, with the budget spent, its full timeout).
+  const h = await startHarness(t, {
+    ...twoBackends({ enabled: true, minDelayMs: 20, maxDelayMs: 50, budgetRatio: 0.1, budgetBurst: 20 }, 300),
+    config: {
+      decrypt: { deadlineMs: 2500, hedging: { enabled: true, minDelayMs: 20, maxDelayMs: 50, budgetRatio: 0.1, budgetBurst: 20 } },
+      health: { probeIntervalMs: 60000, minBackoffMs: 50, maxBackoffMs: 60000, recoverAfterMs: 60000 },
+    },
+  });
+  const encrypted = await h.encrypt(PLAINTEXT);
+  h.fault('preferred').setMode(hang);
+  // Three lost races make it suspect; the probe then times out (300 ms) and marks it down.
+  for (let i = 0; i < 3; i++) t.deepEqual(await h.decrypt(encrypted), PLAINTEXT);
+  await eventually(async () => ((await h.admin()).backends.find((b) => b.name === 'preferred')?.probeOk === false ? true : undefined), 3000);
+  h.resetCounts();
+  const started = performance.now();
+  for (let i = 0; i < 10; i++) t.deepEqual(await h.decrypt(encrypted), PLAINTEXT);
+  const perDecrypt = (performance.now() - started) / 10;
+  t.is(h.fault('preferred').calls.unwrap, 0, 'the suspect backend is no longer tried first');
+  t.true(perDecrypt < 20, `decrypt took ${perDecrypt.toFixed(1)} ms each: still waiting on the dead backend`);
 });
