@@ -12,9 +12,9 @@
 FROM node:24-slim AS deps
 WORKDIR /app
 COPY package.json package-lock.json ./
-# Production dependencies only. --ignore-scripts: nothing needs an install script at run
-# time, and it keeps the `node` package (the Node version pinned for checkouts) from
-# fetching a second Node binary into the image.
+# Production dependencies only (the `node` package that pins Node 24 for checkouts is a
+# dev dependency; the image has its own). --ignore-scripts: nothing needs an install
+# script at run time.
 RUN npm ci --omit=dev --ignore-scripts && npm cache clean --force
 
 FROM node:24-slim
