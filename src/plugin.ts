@@ -147,7 +147,7 @@ export class Plugin implements KmsCore {
     if (result.missing.length > 0) this.logger.warn({ uid, missing: result.missing, wrappedBy: result.wrappedBy }, 'encrypt reached quorum without every backend');
     // Read the key_id after the wrap: a missed backend has just moved it to a partial
     // one, and the envelope must never carry a key_id that claims more copies than it has.
-    return { ciphertext: result.ciphertext, annotations: result.annotations, keyId: this.keyIds.current().keyId };
+    return { ciphertext: result.ciphertext, annotations: result.annotations, keyId: this.keyIds.forEnvelope(result.wrappedBy).keyId };
   }
 
   async decrypt(ciphertext: Buffer, annotations: ReadonlyMap<string, Uint8Array>, signal: AbortSignal, uid?: string): Promise<Buffer> {

@@ -41,6 +41,11 @@ if [ -z "$f" ]; then f=$(grep -c '^  ✘' "$ava_log" || true); fi
 passed=$((passed + ${p:-0})) failed=$((failed + ${f:-0})) skipped=$((skipped + ${s:-0} + ${t:-0}))
 if [ "$ava_status" -ne 0 ] && [ "${f:-0}" -eq 0 ]; then failed=$((failed + 1)); step_failed+=("ava exit $ava_status"); fi
 
+# Zero-loss soak against the real servers behind fault proxies (prints lost=0).
+if [ -f test/chaos/soak.ts ]; then
+  if run_step chaos-soak npx node test/chaos/soak.ts --profile ci; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+fi
+
 if [ -f test/k8s/run.sh ]; then
   k8s_log=.servers/logs/k8s.log
   echo "== Kubernetes apiserver harness (go test)"

@@ -57,18 +57,44 @@ export class KeyIdTracker {
   }
 
   current(): KeyIdState {
-    const sorted = [...this.backends].sort((a, b) => (a.name < b.name ? -1 : 1));
+    const sorted = this.sorted();
     const healthy = sorted.filter((b) => b.settledHealthy(this.recoverAfterMs) && b.knownKeyVersion !== undefined);
-    const describe = (b: GuardedBackend) => [b.name, b.kind, b.knownKeyVersion];
-    let next: KeyIdState;
-    if (healthy.length === sorted.length) {
-      next = { keyId: KEY_ID_PREFIX + digest(['full', this.quorum, sorted.map(describe)]), partial: false, missing: [] };
-    } else if (healthy.length >= this.quorum || this.last === undefined) {
-      const missing = sorted.filter((b) => !healthy.includes(b)).map((b) => b.name);
-      next = { keyId: `${KEY_ID_PREFIX}${digest(['partial', this.quorum, healthy.map(describe), missing])}-partial`, partial: true, missing };
-    } else {
+    if (healthy.length < sorted.length && healthy.length < this.quorum && this.last !== undefined) {
       return this.last; // below quorum: frozen, see above
     }
+    return this.adopt(this.stateFor(sorted, healthy));
+  }
+
+  /**
+   * The key_id for an envelope that Encrypt has just written with copies from
+   * `wrappedBy`: the current one, unless that claims a copy the envelope lacks (the
+   * key_id was frozen below quorum while a backend it names was down). Then a
+   * partial key_id naming exactly the backends that wrapped is adopted instead, so an
+   * envelope never carries a key_id that claims more copies than it has.
+   */
+  forEnvelope(wrappedBy: readonly string[]): KeyIdState {
+    const state = this.current();
+    const sorted = this.sorted();
+    const claimed = sorted.filter((b) => !state.missing.includes(b.name));
+    if (claimed.every((b) => wrappedBy.includes(b.name))) return state;
+    const present = sorted.filter((b) => wrappedBy.includes(b.name) && b.knownKeyVersion !== undefined);
+    return this.adopt(this.stateFor(sorted, present));
+  }
+
+  private sorted(): GuardedBackend[] {
+    return [...this.backends].sort((a, b) => (a.name < b.name ? -1 : 1));
+  }
+
+  private stateFor(sorted: readonly GuardedBackend[], healthy: readonly GuardedBackend[]): KeyIdState {
+    const describe = (b: GuardedBackend) => [b.name, b.kind, b.knownKeyVersion];
+    if (healthy.length === sorted.length) {
+      return { keyId: KEY_ID_PREFIX + digest(['full', this.quorum, sorted.map(describe)]), partial: false, missing: [] };
+    }
+    const missing = sorted.filter((b) => !healthy.includes(b)).map((b) => b.name);
+    return { keyId: `${KEY_ID_PREFIX}${digest(['partial', this.quorum, healthy.map(describe), missing])}-partial`, partial: true, missing };
+  }
+
+  private adopt(next: KeyIdState): KeyIdState {
     if (next.keyId !== this.last?.keyId) {
       if (this.last) this.metrics.keyIdChanges.inc();
       this.logger.info({ keyId: next.keyId, partial: next.partial, missing: next.missing }, 'key_id changed');

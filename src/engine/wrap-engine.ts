@@ -141,16 +141,19 @@ export class WrapEngine {
 
   private wrapWithQuorum(dataKey: Buffer, envelopeId: Buffer, callerSignal: AbortSignal): Promise<WrappedCopy[]> {
     const { quorum, encryptDeadlineMs, stragglerGraceMs } = this.settings;
-    // Skip backends known to be down; if that leaves too few, try them all anyway:
-    // a breaker refuses instantly, and a recovered backend may answer.
+    // Start with the backends not known to be down. The others are started too, within
+    // the same deadline, as soon as the calls under way can no longer reach quorum: a
+    // breaker refuses instantly, and a backend marked down by one slow probe may answer.
     const usable = this.backends.filter((b) => b.usable);
-    const candidates = usable.length >= quorum ? usable : this.backends;
+    const first = usable.length >= quorum ? usable : this.backends;
+    const reserve = this.backends.filter((b) => !first.includes(b));
     const abandon = linkedSignal([callerSignal], encryptDeadlineMs, ENCRYPT_DEADLINE);
     const signal = abandon.signal;
 
     return new Promise<WrappedCopy[]>((resolve, reject) => {
       const copies: WrappedCopy[] = [];
       const errors: { backend: string; code: ErrorCode }[] = [];
+      let started = 0;
       let settled = 0;
       let graceTimer: NodeJS.Timeout | undefined;
       let done = false;
@@ -171,26 +174,36 @@ export class WrapEngine {
         }
       };
 
+      const start = (backend: GuardedBackend) => {
+        started++;
+        backend
+          .wrap(dataKey, { envelopeId, backendName: backend.name }, signal)
+          .then(
+            ({ wrapped, keyVersion }) => {
+              if (done) return;
+              copies.push({ backendName: backend.name, keyVersion, wrapped });
+              if (copies.length === quorum && stragglerGraceMs > 0 && this.backends.length > quorum) {
+                graceTimer = setTimeout(finish, stragglerGraceMs);
+              }
+            },
+            (error: unknown) => {
+              if (done) return;
+              errors.push({ backend: backend.name, code: errorCodeOf(error) });
+              const stillRunning = started - settled - 1;
+              if (copies.length + stillRunning < quorum) for (const spare of reserve.splice(0)) start(spare);
+            },
+          )
+          .finally(() => {
+            settled++;
+            if (settled === started || (copies.length >= quorum && stragglerGraceMs === 0)) finish();
+          });
+      };
+
       signal.addEventListener('abort', finish, { once: true });
-      for (const backend of candidates) {
-        backend.wrap(dataKey, { envelopeId, backendName: backend.name }, signal).then(
-          ({ wrapped, keyVersion }) => {
-            if (done) return;
-            copies.push({ backendName: backend.name, keyVersion, wrapped });
-            if (copies.length === quorum && stragglerGraceMs > 0 && candidates.length > quorum) {
-              graceTimer = setTimeout(finish, stragglerGraceMs);
-            }
-          },
-          (error: unknown) => {
-            if (!done) errors.push({ backend: backend.name, code: errorCodeOf(error) });
-          },
-        ).finally(() => {
-          settled++;
-          if (settled === candidates.length || (copies.length >= quorum && stragglerGraceMs === 0)) finish();
-        });
-      }
+      for (const backend of first) start(backend);
     });
   }
+
 
   async decrypt(ciphertext: Uint8Array, annotations: ReadonlyMap<string, Uint8Array>, callerSignal: AbortSignal): Promise<DecryptResult> {
     // Parsing checks every length and costs no backend call: malformed input ends here.

@@ -5,6 +5,7 @@
 import test from 'ava';
 import { status } from '@grpc/grpc-js';
 import { addKeyToFile } from '../../src/backends/local.ts';
+import { parseEnvelope } from '../../src/envelope/format.ts';
 import { ok, unavailable } from '../helpers/fault-backend.ts';
 import { eventually, grpcError, sleep, startHarness } from '../helpers/plugin-harness.ts';
 
@@ -118,4 +119,25 @@ test.serial('local key rotation changes the key_id within the probe interval; ol
   h.fault('c').setMode(unavailable);
   t.deepEqual(await h.decrypt(before), Buffer.from('written before the rotation'));
   t.deepEqual(await h.decrypt(after), Buffer.from('written after the rotation'));
+});
+
+test.serial('an Encrypt while the key_id is frozen below quorum never returns a key_id claiming a copy the envelope lacks', async (t) => {
+  // Probes by hand (none in the background) and a long recovery hold, to set up the state exactly.
+  const h = await startHarness(t, { config: { health: { probeIntervalMs: 3_600_000, recoverAfterMs: 60_000 } } });
+  const probe = () => h.plugin.prober.probeAll();
+  h.fault('c').setMode(unavailable);
+  await probe();
+  const missingC = (await h.admin()).keyId; // partial: a and b healthy
+  h.fault('b').setMode(unavailable);
+  await probe();
+  t.is((await h.status()).key_id, missingC, 'below quorum the key_id is frozen');
+  // c answers again but has not been healthy for recoverAfterMs; b is still down.
+  h.fault('c').setMode(ok);
+  const encrypted = await h.encrypt(Buffer.alloc(32, 5));
+  const copies = parseEnvelope(encrypted.ciphertext).copies.map((c) => c.backendName);
+  t.deepEqual(copies, ['a', 'c']);
+  t.not(encrypted.key_id, missingC, 'the frozen key_id names b, which the envelope lacks');
+  t.regex(encrypted.key_id, /-partial$/);
+  t.is((await h.status()).key_id, encrypted.key_id, 'Status adopts the key_id Encrypt returned');
+  t.deepEqual(await h.decrypt(encrypted), Buffer.alloc(32, 5));
 });

@@ -114,3 +114,19 @@ test.serial('below quorum nothing is returned: UNAVAILABLE and no partial envelo
   t.is(h.fault('b').aborts, 1, 'the hanging call is aborted at its timeout');
   t.is(h.fault('b').pending, 0);
 });
+
+test.serial('a backend marked down is still tried when the others can no longer reach quorum', async (t) => {
+  const h = await startHarness(t, { backends: ['a', 'b', 'c'], quorum: 2 });
+  // c fails one probe (so it is skipped at first), then recovers before its next probe.
+  h.fault('c').setMode(unavailable);
+  await h.plugin.prober.probeAll();
+  t.false(h.plugin.backends.find((b) => b.name === 'c')!.usable);
+  h.resetCounts();
+  h.fault('c').setMode(ok);
+  // Now b fails: a and b alone cannot reach quorum 2, so c is started within the same deadline.
+  h.fault('b').setMode(unavailable);
+  const encrypted = await h.encrypt(Buffer.alloc(32, 3));
+  t.truthy(encrypted.ciphertext.length);
+  t.is(h.fault('c').calls.wrap, 1);
+  t.deepEqual(await h.decrypt(encrypted), Buffer.alloc(32, 3));
+});
