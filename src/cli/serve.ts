@@ -55,22 +55,30 @@ export async function serveUntilSignalled(config: Config, baseDir: string, logge
   process.on('unhandledRejection', (reason) => {
     logger.error({ error: reason instanceof Error ? reason.name : typeof reason }, 'unhandled rejection (bug); continuing');
   });
+  // Signals are caught from the start: one that arrives while the plugin is still
+  // starting (the socket may already exist) must still lead to a clean shutdown that
+  // removes the socket, not to Node's default immediate exit.
+  let signalled: NodeJS.Signals | undefined;
+  let wake: () => void = () => undefined;
+  const onSignal = (signal: NodeJS.Signals) => {
+    logger.info({ signal }, 'signal received');
+    signalled = signal;
+    process.off('SIGTERM', onSignal);
+    process.off('SIGINT', onSignal);
+    wake();
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+
   const running = await startPlugin(config, baseDir, logger);
   process.once('uncaughtException', (error) => {
     logger.fatal({ error: error.name, message: error.message }, 'uncaught exception (bug); shutting down');
     void running.stop().finally(() => process.exit(1));
   });
-  await new Promise<void>((resolve) => {
-    const onSignal = (signal: NodeJS.Signals) => {
-      logger.info({ signal }, 'signal received');
-      process.off('SIGTERM', onSignal);
-      process.off('SIGINT', onSignal);
-      running.stop().then(resolve, (error: unknown) => {
-        logger.error({ err: error }, 'shutdown failed');
-        resolve();
-      });
-    };
-    process.on('SIGTERM', onSignal);
-    process.on('SIGINT', onSignal);
-  });
+  if (!signalled) await new Promise<void>((resolve) => (wake = resolve));
+  try {
+    await running.stop();
+  } catch (error) {
+    logger.error({ err: error }, 'shutdown failed');
+  }
 }

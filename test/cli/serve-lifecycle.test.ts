@@ -4,7 +4,7 @@
  * (lose two of three dev key files, keep reading, never recreate them).
  */
 import test from 'ava';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { constants, lstat, open, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { status } from '@grpc/grpc-js';
@@ -15,7 +15,7 @@ import type * as T from '../../src/kms/types.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { Metrics } from '../../src/observability/metrics.ts';
 import { Plugin } from '../../src/plugin.ts';
-import { eventually, grpcError, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
+import { MAIN, eventually, grpcError, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
 
 test.serial('SIGTERM while a Decrypt is in flight: the call completes, the process exits 0, the socket is removed', async (t) => {
   const dir = await tempDir(t);
@@ -109,4 +109,38 @@ test.serial('done when: dev mode survives losing two of three key files, Decrypt
   clients.close();
   t.is(await serve.terminate(), 0);
   t.deepEqual((await readdir(dir)).sort(), ['.keys-initialised', 'local-a.key']);
+});
+
+test.serial('SIGTERM while the plugin is still starting: it finishes starting, then shuts down cleanly (exit 0, no socket left)', async (t) => {
+  const dir = await tempDir(t);
+  const socketPath = path.join(dir, 'kms.sock');
+  // The start-up probe blocks reading this FIFO (a key file) until its timeout, so the
+  // plugin is provably mid-start when the signal arrives.
+  const fifo = path.join(dir, 'slow.key');
+  execFileSync('mkfifo', ['-m', '600', fifo]);
+  await generateKeyFile(path.join(dir, 'a.key'));
+  await writeFile(
+    path.join(dir, 'config.yaml'),
+    JSON.stringify({
+      socket: { path: socketPath },
+      quorum: 1,
+      backends: [
+        { name: 'a', type: 'local', keyFile: 'a.key' },
+        { name: 'slow', type: 'local', keyFile: 'slow.key', timeoutMs: 1500 },
+      ],
+    }),
+  );
+  const child = spawn(process.execPath, [MAIN, 'serve', '--config', path.join(dir, 'config.yaml')], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+  t.teardown(() => child.kill('SIGKILL'));
+  // The FIFO has a reader once the probe is blocked on it: the plugin is starting.
+  const handle = await eventually(() => open(fifo, constants.O_WRONLY | constants.O_NONBLOCK).catch(() => undefined), 20_000, 20);
+  await handle.close();
+  child.kill('SIGTERM');
+  const { code, signal } = await exited;
+  t.is(signal, null, `killed by ${signal ?? ''} instead of shutting down:\n${stderr}`);
+  t.is(code, 0, stderr);
+  await t.throwsAsync(lstat(socketPath), { code: 'ENOENT' });
 });

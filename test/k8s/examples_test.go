@@ -21,7 +21,7 @@ import (
 
 var (
 	kindEncryptionConfig = regexp.MustCompile(`(?m)^kind:\s*EncryptionConfiguration\s*$`)
-	mdYAMLFence          = regexp.MustCompile("(?ms)^```ya?ml[^\\n]*\\n(.*?)^```")
+	mdYAMLFence          = regexp.MustCompile("(?ms)^([ \\t]*)```ya?ml[^\\n]*\\n(.*?)^[ \\t]*```")
 	kmsEndpoint          = regexp.MustCompile(`(?m)^(\s*endpoint:\s*)["']?unix://[^\s"']+["']?\s*$`)
 	yamlDocSeparator     = regexp.MustCompile(`(?m)^---\s*$`)
 )
@@ -57,7 +57,12 @@ func findExamples(t *testing.T) []example {
 			var blocks []string
 			if ext == ".md" {
 				for _, m := range mdYAMLFence.FindAllStringSubmatch(string(data), -1) {
-					blocks = append(blocks, m[1])
+					// A block indented inside a list item: remove the fence's indentation.
+					lines := strings.Split(m[2], "\n")
+					for k, line := range lines {
+						lines[k] = strings.TrimPrefix(line, m[1])
+					}
+					blocks = append(blocks, strings.Join(lines, "\n"))
 				}
 			} else {
 				blocks = []string{string(data)}
