@@ -6,7 +6,7 @@
  * for a role with `assumeRole`. The EncryptionContext binds every copy to its
  * envelope and backend name; Decrypt always names the configured key (never KMS's
  * "discovery" of the key from the ciphertext) and the key KMS reports having used is
- * checked again. See docs/backends/aws.md.
+ * checked again. See docs/backends/aws-kms.md.
  */
 import {
   DecryptCommand,

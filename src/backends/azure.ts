@@ -88,6 +88,11 @@ export interface AzureBackendOptions {
    * backend directly (tests); the configuration file cannot reach it.
    */
   credential?: TokenCredential;
+  /**
+   * Extra HTTP pipeline policies for the Key Vault clients (request logging, tracing,
+   * recording). Like `credential`, only for code that builds a backend directly.
+   */
+  additionalPolicies?: CryptographyClientOptions['additionalPolicies'];
 }
 
 interface Clients {
@@ -213,6 +218,7 @@ export class AzureKeyVaultBackend implements KeyBackend {
       // Retries belong to the engine, which tries other copies within the apiserver's deadline.
       retryOptions: { maxRetries: 0 },
       ...(agent ? { agent } : {}),
+      ...(this.options.additionalPolicies ? { additionalPolicies: this.options.additionalPolicies } : {}),
     };
     const keyClient = new KeyClient(this.config.vaultUrl, credential, clientOptions);
     return { keyClient, clientOptions, credential, agent };

@@ -34,6 +34,15 @@ export interface KeyBackend {
 
   /** Release clients, timers and file watchers. */
   close(): Promise<void>;
+
+  /**
+   * Optional, for backends that know it: when the credential they currently use expires
+   * unless renewed or replaced, in Unix milliseconds (a Vault token's expiry). Undefined
+   * when it never expires or is not known. Must answer from memory, without a call: it
+   * is read at every escrow verification and exported as
+   * `trousseau_backend_credential_expiry_timestamp_seconds` (in seconds).
+   */
+  credentialExpiresAt?(): number | undefined;
 }
 
 export interface WrappedKey {

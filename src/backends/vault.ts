@@ -190,6 +190,8 @@ export class VaultBackend implements KeyBackend {
   private lastFileRead: number | undefined;
   private timer: NodeJS.Timeout | undefined;
   private version: { value: number; at: number } | undefined;
+  /** When `token` expires (ms since the epoch); `at` undefined: it never does (root-like) or is not known. */
+  private expiry: { token: string; at: number | undefined } | undefined;
   private closed = false;
 
   constructor(config: VaultBackendConfig, options: VaultBackendOptions) {
@@ -268,6 +270,16 @@ export class VaultBackend implements KeyBackend {
       throw new TrousseauError('BACKEND_REJECTED', `vault backend ${this.name}: ciphertext does not hold a ${DATA_KEY_BYTES}-byte data key`);
     }
     return key;
+  }
+
+  /**
+   * When the token in use expires if it is not renewed or replaced, as last learnt from
+   * login, renew-self or lookup-self. Undefined for a token without TTL, before the first
+   * call, and while no token is held.
+   */
+  credentialExpiresAt(): number | undefined {
+    const expiry = this.expiry;
+    return expiry && expiry.token === this.current?.token ? expiry.at : undefined;
   }
 
   close(): Promise<void> {
@@ -393,13 +405,14 @@ export class VaultBackend implements KeyBackend {
     const signal = AbortSignal.any([this.lifetime.signal, AbortSignal.timeout(BACKGROUND_TIMEOUT_MS)]);
     try {
       const payload = await this.loginPayload(auth);
+      const sentAt = Date.now();
       const body = (await this.client.write(`auth/${auth.mount}/login`, payload, { signal })) as { auth?: LoginAuth } | undefined;
       const token = body?.auth?.client_token;
       if (typeof token !== 'string' || !token) throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: login returned no token`);
       if (this.closed) throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name} is closed`);
       this.current = { token };
       this.lastLoginFailure = undefined;
-      this.scheduleAfterLease(token, body?.auth?.lease_duration, body?.auth?.renewable === true, undefined);
+      this.scheduleAfterLease(token, body?.auth?.lease_duration, body?.auth?.renewable === true, undefined, sentAt);
       this.logger?.info({ method: auth.method }, 'logged in to vault');
       return this.current;
     } catch (error) {
@@ -443,10 +456,11 @@ export class VaultBackend implements KeyBackend {
   private scheduleTokenWatch(token: string): void {
     this.clearTimer();
     const signal = AbortSignal.any([this.lifetime.signal, AbortSignal.timeout(BACKGROUND_TIMEOUT_MS)]);
+    const sentAt = Date.now();
     void this.client.read('auth/token/lookup-self', this.requestOptions(token, signal)).then(
       (body: { data?: { ttl?: unknown; renewable?: unknown } } | undefined) => {
         const ttl = body?.data?.ttl;
-        this.scheduleAfterLease(token, typeof ttl === 'number' ? ttl : undefined, body?.data?.renewable === true, undefined);
+        this.scheduleAfterLease(token, typeof ttl === 'number' ? ttl : undefined, body?.data?.renewable === true, undefined, sentAt);
       },
       (error: unknown) => {
         if (this.closed) return;
@@ -460,11 +474,15 @@ export class VaultBackend implements KeyBackend {
   /**
    * Plan the next step for `token` after learning it lives `ttlSeconds` more: renew it
    * if it is renewable and renewal still extends it; otherwise, for login methods, log
-   * in again before it expires. A token without TTL (ttl 0) needs nothing.
+   * in again before it expires. A token without TTL (ttl 0) needs nothing. `sentAt` is
+   * when the request that reported the TTL left: counting from then errs early.
    */
-  private scheduleAfterLease(token: string, ttlSeconds: number | undefined, renewable: boolean, previousTtl: number | undefined): void {
+  private scheduleAfterLease(token: string, ttlSeconds: number | undefined, renewable: boolean, previousTtl: number | undefined, sentAt: number): void {
     this.clearTimer();
-    if (this.closed || ttlSeconds === undefined || ttlSeconds <= 0 || this.current?.token !== token) return;
+    if (this.closed || this.current?.token !== token) return;
+    const known = typeof ttlSeconds === 'number' && Number.isFinite(ttlSeconds);
+    this.expiry = { token, at: known && ttlSeconds > 0 ? sentAt + ttlSeconds * 1000 : undefined };
+    if (ttlSeconds === undefined || ttlSeconds <= 0) return;
     const delay = Math.max(500, ttlSeconds * 1000 * RENEW_AT_FRACTION);
     const canLogIn = this.config.auth.method !== 'token';
     // Renewal that no longer extends the token means its max TTL is near.
@@ -478,10 +496,11 @@ export class VaultBackend implements KeyBackend {
 
   private renew(token: string, ttlSeconds: number): void {
     const signal = AbortSignal.any([this.lifetime.signal, AbortSignal.timeout(BACKGROUND_TIMEOUT_MS)]);
+    const sentAt = Date.now();
     void this.client.write('auth/token/renew-self', {}, this.requestOptions(token, signal)).then(
       (body: { auth?: LoginAuth } | undefined) => {
         this.logger?.debug('renewed vault token');
-        this.scheduleAfterLease(token, body?.auth?.lease_duration, body?.auth?.renewable === true, ttlSeconds);
+        this.scheduleAfterLease(token, body?.auth?.lease_duration, body?.auth?.renewable === true, ttlSeconds, sentAt);
       },
       (error: unknown) => {
         if (this.closed || this.current?.token !== token) return;

@@ -1,7 +1,7 @@
 /**
  * AWS KMS backend against two real KMS API servers started by test/servers/up.sh:
  * local-kms (enforces key state: disabled keys, pending deletion) and moto (aliases,
- * multi-Region keys with ReplicateKey). See docs/backends/aws.md, "Test servers".
+ * multi-Region keys with ReplicateKey). See docs/backends/aws-kms.md, "Test servers".
  */
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -381,6 +381,24 @@ test('aws: the IAM policy grants exactly the calls the backend makes, bound to t
 
   // Encrypt and Decrypt require exactly the context keys the backend sends.
   const wrapStatement = policy.Statement.find((s) => s.Action.includes('kms:Encrypt'));
+  t.deepEqual(wrapStatement?.Action.slice().sort(), ['kms:Decrypt', 'kms:Encrypt']);
+  const keys = wrapStatement?.Condition?.['ForAllValues:StringEquals']?.['kms:EncryptionContextKeys'] as string[] | undefined;
+  t.deepEqual(keys?.slice().sort(), Object.keys(contextMap(contextFor('x'))).sort());
+  t.is(wrapStatement?.Condition?.Null?.['kms:EncryptionContextKeys'], 'false');
+});
+
+test('aws: the key policy keeps the administrators and gives the plugin role only the three actions, bound to the encryption context', (t) => {
+  type Statement = { Sid?: string; Effect: string; Principal?: { AWS?: string }; Action: string[]; Resource: string; Condition?: Record<string, Record<string, unknown>> };
+  const policy = JSON.parse(readFileSync(path.join(root, 'policies/aws/trousseau-key-policy.json'), 'utf8')) as { Version: string; Statement: Statement[] };
+  t.is(policy.Version, '2012-10-17');
+  const plugin = policy.Statement.filter((s) => s.Principal?.AWS?.endsWith(':role/TROUSSEAU_ROLE'));
+  const others = policy.Statement.filter((s) => !plugin.includes(s));
+  t.deepEqual(plugin.flatMap((s) => s.Action).sort(), ['kms:Decrypt', 'kms:DescribeKey', 'kms:Encrypt']);
+  for (const s of policy.Statement) t.is(s.Effect, 'Allow');
+  // The administrators manage the key but cannot use it.
+  t.true(others.some((s) => s.Sid === 'KeyAdministrators' && s.Action.includes('kms:ScheduleKeyDeletion')));
+  for (const s of others) t.false(s.Action.some((a) => /^kms:(\*|Encrypt|Decrypt|ReEncrypt|GenerateDataKey)/.test(a)), s.Sid);
+  const wrapStatement = plugin.find((s) => s.Action.includes('kms:Encrypt'));
   t.deepEqual(wrapStatement?.Action.slice().sort(), ['kms:Decrypt', 'kms:Encrypt']);
   const keys = wrapStatement?.Condition?.['ForAllValues:StringEquals']?.['kms:EncryptionContextKeys'] as string[] | undefined;
   t.deepEqual(keys?.slice().sort(), Object.keys(contextMap(contextFor('x'))).sort());

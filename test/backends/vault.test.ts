@@ -1,7 +1,7 @@
 /**
  * Vault transit backend against a real OpenBao dev server (test/servers/openbao.server.sh).
  *
- * The backend logs in only with credentials bound to policies/vault/trousseau-transit.hcl
+ * The backend logs in only with credentials bound to policies/vault/trousseau.hcl
  * (without the "default" policy), so passing the conformance kit proves that policy is
  * sufficient, and the policy tests below prove it grants nothing more.
  */
@@ -22,7 +22,7 @@ import { runBackendConformance } from './conformance.ts';
 import { requireServer } from '../helpers/servers.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const policyText = readFileSync(path.join(root, 'policies/vault/trousseau-transit.hcl'), 'utf8');
+const policyText = readFileSync(path.join(root, 'policies/vault/trousseau.hcl'), 'utf8');
 
 // ---------------------------------------------------------------- config (no server)
 
@@ -511,6 +511,62 @@ if ('missing' in server) {
       t.true(performance.now() - started < 1000);
     } finally {
       await b.close();
+    }
+  });
+
+  test('credentialExpiresAt: an AppRole token expires within its TTL, and renewal moves the expiry forward', async (t) => {
+    const role = `expiry-${suffix()}`;
+    await admin('POST', `auth/approle/role/${role}`, {
+      token_policies: [policyName],
+      token_no_default_policy: true,
+      token_ttl: '3s',
+      token_max_ttl: '1m',
+    });
+    const roleId = (await admin('GET', `auth/approle/role/${role}/role-id`)).data?.role_id ?? '';
+    const secretId = (await admin('POST', `auth/approle/role/${role}/secret-id`, {})).data?.secret_id ?? '';
+    const b = backend({ method: 'approle', roleId, secretIdFile: await writeSecret(`secret-${role}`, secretId) });
+    try {
+      t.is(b.credentialExpiresAt(), undefined, 'no token before the first call');
+      const before = Date.now();
+      await b.wrap(randomBytes(32), contextFor(b), signal());
+      const after = Date.now();
+      const first = b.credentialExpiresAt();
+      if (first === undefined) return t.fail('no expiry after an AppRole login');
+      // lease_duration is 3 s, counted from when the login request left.
+      t.true(first >= before + 3000 && first <= after + 3000, `expiry ${first - after} ms after the login returned`);
+      // Renewal is due after 2/3 of the TTL (2 s); it answers with a fresh 3 s.
+      const deadline = Date.now() + 2800;
+      while (Date.now() < deadline && b.credentialExpiresAt() === first) await sleep(50);
+      const renewed = b.credentialExpiresAt();
+      if (renewed === undefined) return t.fail('expiry lost after renewal');
+      t.true(renewed >= first + 1500, `renewal moved the expiry by ${renewed - first} ms only`);
+      t.true(renewed - Date.now() <= 3000);
+      await b.close();
+      t.is(b.credentialExpiresAt(), undefined, 'a closed backend holds no credential');
+    } finally {
+      await b.close();
+    }
+  });
+
+  test('credentialExpiresAt: a token file token reports its TTL; a token without TTL reports none', async (t) => {
+    const token = await restrictedTokenFor([policyName], { ttl: '10m' });
+    const b = backend({ method: 'token', tokenFile: await writeSecret(`expiring-${suffix()}`, token) });
+    const root = backend({ method: 'token', tokenFile: await writeSecret(`root-${suffix()}`, rootToken) });
+    try {
+      const before = Date.now();
+      await b.wrap(randomBytes(32), contextFor(b), signal());
+      await root.wrap(randomBytes(32), contextFor(root), signal());
+      // The TTL of a token read from a file is learnt by a background lookup-self.
+      const deadline = Date.now() + 3000;
+      while (Date.now() < deadline && b.credentialExpiresAt() === undefined) await sleep(20);
+      const expiresAt = b.credentialExpiresAt();
+      if (expiresAt === undefined) return t.fail('the TTL of a 10m token was never learnt');
+      t.true(expiresAt > before + 590_000 && expiresAt <= Date.now() + 600_000, `expires ${expiresAt - Date.now()} ms from now`);
+      // The root token's lookup-self (sent at the same time) has answered ttl 0 by now.
+      await sleep(200);
+      t.is(root.credentialExpiresAt(), undefined);
+    } finally {
+      await Promise.all([b.close(), root.close()]);
     }
   });
 

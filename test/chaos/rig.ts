@@ -5,7 +5,7 @@
  * gRPC clients through the CLI's own `clientsFor`, and latency/error bookkeeping.
  *
  * The Azure server here is the project's own HTTPS stand-in whenever lowkey-vault is
- * not installable (see docs/backends/azure.md); `servers.azureServer` says which ran
+ * not installable (see docs/backends/azure-keyvault.md); `servers.azureServer` says which ran
  * and every table prints it.
  */
 import { spawn, type ChildProcess } from 'node:child_process';

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # local-kms (nsmithuk/local-kms, MIT): an AWS KMS API server written in Go, used by
 # test/backends/aws.test.ts for the key-state error paths (disabled key, pending
-# deletion) that moto does not enforce. See docs/backends/aws.md, "Test servers".
+# deletion) that moto does not enforce. See docs/backends/aws-kms.md, "Test servers".
 #
 # Usage: SERVERS_DIR=... local-kms.server.sh install|start|stop
 set -euo pipefail
@@ -11,7 +11,7 @@ source test/servers/lib.sh
 
 # The Go module proxy serves the 3.x line (main package at the module root) only
 # under this pseudo-version; the 3.x tags have no "v" prefix and commit queries are
-# refused. See docs/backends/aws.md.
+# refused. See docs/backends/aws-kms.md.
 MODULE=github.com/nsmithuk/local-kms
 VERSION=v0.0.0-20260228092603-2a5e92d09ab6
 PORT=${LOCAL_KMS_PORT:-4599}

@@ -1,6 +1,6 @@
 /**
  * STAND-IN for lowkey-vault, used only when the lowkey-vault jar cannot be installed
- * (see docs/backends/azure.md, "Test server"). It is NOT an Azure Key Vault
+ * (see docs/backends/azure-keyvault.md, "Test server"). It is NOT an Azure Key Vault
  * implementation: it answers the handful of Key Vault REST calls the Azure backend
  * and its tests make (keys create/get/rotate/update, wrapkey/unwrapkey with
  * RSA-OAEP-256), over HTTPS with the bearer challenge, with the status codes Azure

@@ -3,7 +3,7 @@
 # MIT) on 127.0.0.1, HTTPS with its bundled self-signed certificate, plus its plain-HTTP
 # token port (/ping, a managed-identity token endpoint, the certificate as .p12).
 #
-# WHERE THE JAR COMES FROM (read docs/backends/azure.md, "Test server"):
+# WHERE THE JAR COMES FROM (read docs/backends/azure-keyvault.md, "Test server"):
 #   1. LOWKEY_VAULT_JAR=/path/to/lowkey-vault-app-<v>.jar, if a developer has one; else
 #   2. Maven Central: com.github.nagyesta.lowkey-vault:lowkey-vault-app:$LOWKEY_VAULT_VERSION.
 #      As checked on the CI machine, Maven Central serves lowkey-vault-client and
@@ -51,7 +51,7 @@ install() {
     else
       echo "!!! lowkey-vault-app $LOWKEY_VAULT_VERSION is not served by Maven Central here" >&2
       if [ "${LOWKEY_VAULT_REQUIRED:-0}" = 1 ]; then return 1; fi
-      echo "!!! the azure tests will run against the stand-in (see docs/backends/azure.md)" >&2
+      echo "!!! the azure tests will run against the stand-in (see docs/backends/azure-keyvault.md)" >&2
     fi
   fi
   if [ ! -s "$JAR" ]; then
@@ -113,7 +113,7 @@ start() {
   else
     if [ "${LOWKEY_VAULT_REQUIRED:-0}" = 1 ]; then echo "no lowkey-vault jar installed" >&2; return 1; fi
     server=standin
-    echo "!!! starting the lowkey-vault STAND-IN, not lowkey-vault (see docs/backends/azure.md)" >&2
+    echo "!!! starting the lowkey-vault STAND-IN, not lowkey-vault (see docs/backends/azure-keyvault.md)" >&2
     cp "$DIR/standin-cert.pem" "$CA"
     start_daemon lowkey-vault "$NODE" test/servers/lowkey-vault-standin.ts \
       --cert "$DIR/standin-cert.pem" --key "$DIR/standin-key.pem" --port "$PORT" --token-port "$TOKEN_PORT"

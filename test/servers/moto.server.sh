@@ -2,7 +2,7 @@
 # moto (PyPI moto[server], Apache-2.0): a broad AWS API emulator. test/backends/aws.test.ts
 # runs the conformance kit against its KMS API and uses its ReplicateKey for the
 # replica (multi-Region) tests. It does not enforce key state (a disabled key still
-# encrypts): those paths are tested on local-kms. See docs/backends/aws.md.
+# encrypts): those paths are tested on local-kms. See docs/backends/aws-kms.md.
 #
 # Usage: SERVERS_DIR=... moto.server.sh install|start|stop
 set -euo pipefail
@@ -50,7 +50,7 @@ b = kms.create_key(Description="trousseau test key B")["KeyMetadata"]["Arn"]
 kms.create_alias(AliasName="alias/trousseau-test", TargetKeyId=a)
 # A multi-Region key and its replica in a second region. moto 5.2.5 encrypts under
 # them but cannot decrypt: its ciphertext format keeps only 36 characters of the key
-# id, and mrk- ids have 40 (see docs/backends/aws.md).
+# id, and mrk- ids have 40 (see docs/backends/aws-kms.md).
 mrk = kms.create_key(Description="trousseau multi-Region test key", MultiRegion=True)["KeyMetadata"]
 # moto 5.2.5 looks ReplicateKey's KeyId up verbatim: it must be the bare key id, not the ARN.
 replica = kms.replicate_key(KeyId=mrk["KeyId"], ReplicaRegion=replica_region)["ReplicaKeyMetadata"]["Arn"]

