@@ -237,12 +237,15 @@ async function main(): Promise<number> {
         verified[only] = mine.length;
         lostBy[only] = 0;
         await pool(mine, 8, async (k) => {
-          for (let attempt = 0; attempt < 3; attempt++) {
+          // Lost means the backend, reachable, cannot open it. A transient UNAVAILABLE
+          // (an overloaded test server timing out, its breaker briefly open) is retried
+          // for up to ~15 s, past the breaker's reset, before an envelope counts as lost.
+          for (let attempt = 0; attempt < 8; attempt++) {
             const d = await decrypt(child.clients, k.encrypted, 'soak-verify');
             verifyRec.add('decrypt', d);
             if (d.ok && d.value!.equals(k.plaintext)) return;
             if (d.ok) break; // a wrong plaintext will not right itself
-            await sleep(200);
+            await sleep(Math.min(4000, 250 * 2 ** attempt));
           }
           lostBy[only]!++;
           lostIds.add(k);
