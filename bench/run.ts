@@ -9,6 +9,11 @@
  *   npm run bench -- --go-client     load from a Go client (bench/goload), as an apiserver
  *   npm run bench -- --scenario fanout|failover|hedging|storm|all [--json]
  *                                    injected-latency scenarios (bench/scenarios.ts)
+ *   npm run bench -- --scenario memory
+ *                                    RSS and heap idle, under load, across churn (bench/memory.ts)
+ *   ... --out bench/results.jsonl    append the run's JSON line (stamped with commit, date,
+ *                                    node, cpus, load: bench/record.ts) to a file
+ *   node bench/charts.ts             redraw docs/charts/*.svg from bench/results.jsonl
  *
  * BENCH_PLUGIN_NODE_ARGS passes flags to the plugin process (e.g. --cpu-prof).
  *
@@ -23,6 +28,7 @@ import { parseArgs } from 'node:util';
 import { generateKeyFile } from '../src/backends/local.ts';
 import { call, clientsFor } from '../src/cli/client.ts';
 import type * as T from '../src/kms/types.ts';
+import { emit } from './record.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -32,13 +38,27 @@ const { values: args } = parseArgs({
     scenario: { type: 'string', multiple: true },
     /** Load from a Go client (bench/goload: grpc-go and k8s.io/kms, as kube-apiserver) instead of this Node process. */
     'go-client': { type: 'boolean', default: false },
+    /** Append the run's stamped JSON line to this file (one line per scenario with --scenario). */
+    out: { type: 'string' },
+    /** memory scenario: Encrypt + Decrypt calls in the churn phase. */
+    calls: { type: 'string' },
   },
 });
 
 if (args.scenario?.length) {
   const { runScenarios } = await import('./scenarios.ts');
-  const results = await runScenarios(args.scenario);
-  if (args.json) console.log(JSON.stringify({ node: process.version, cpus: os.availableParallelism(), ...results }));
+  const { runMemory } = await import('./memory.ts');
+  const names = args.scenario.includes('all') ? ['fanout', 'failover', 'hedging', 'storm', 'memory'] : args.scenario;
+  const results: Record<string, unknown> = {};
+  for (const name of names) {
+    results[name] =
+      name === 'memory'
+        ? await runMemory({ calls: args.calls === undefined ? undefined : Number(args.calls) })
+        : (await runScenarios([name]))[name];
+    // One line per scenario, so bench/results.jsonl stays one comparable record per line.
+    if (args.out) emit(`scenario:${name}`, results[name] as Record<string, unknown>, { json: false, out: args.out });
+  }
+  if (args.json) emit(`scenario:${names.join(',')}`, results, { json: true });
   else console.log(JSON.stringify(results, null, 2));
   process.exit(0);
 }
@@ -212,10 +232,10 @@ function round(ms: number): number {
 const all: Result[] = [];
 for (const count of backendCounts) all.push(...(await benchBackends(count)));
 
-if (args.json) {
-  const pick = (operation: Result['operation']) => all.find((r) => r.operation === operation && r.backends === 3 && r.concurrency === 16) ?? all.find((r) => r.operation === operation)!;
-  console.log(JSON.stringify({ node: process.version, seconds, encrypt: pick('encrypt'), decrypt: pick('decrypt'), results: all }));
-} else {
+const pick = (operation: Result['operation']) => all.find((r) => r.operation === operation && r.backends === 3 && r.concurrency === 16) ?? all.find((r) => r.operation === operation)!;
+const record = { client: args['go-client'] ? 'go' : 'node', seconds, encrypt: pick('encrypt'), decrypt: pick('decrypt'), results: all };
+if (args.json || args.out) emit(args.quick ? 'matrix-quick' : 'matrix', record, { json: args.json, out: args.out });
+if (!args.json) {
   console.log(`Node ${process.version}, ${os.availableParallelism()} CPUs, ${seconds} s per cell, local key backends, quorum min(2, n)\n`);
   console.log('backends  conc  op       ops/s   p50 ms  p99 ms  p99.9 ms  errors  plugin RSS MiB  plugin CPU µs/op  load 1/5/15 min');
   for (const r of all) {

@@ -35,6 +35,7 @@ const root = path.resolve(import.meta.dirname, '..');
 export interface Summary {
   n: number;
   p50: number;
+  p90: number;
   p99: number;
   p999: number;
   max: number;
@@ -46,7 +47,7 @@ export function summarize(latencies: readonly number[]): Summary {
   const at = (p: number) => (sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!);
   const r = (x: number) => Math.round(x * 10) / 10;
   const mean = sorted.reduce((s, x) => s + x, 0) / Math.max(1, sorted.length);
-  return { n: sorted.length, p50: r(at(50)), p99: r(at(99)), p999: r(at(99.9)), max: r(sorted[sorted.length - 1] ?? NaN), mean: r(mean) };
+  return { n: sorted.length, p50: r(at(50)), p90: r(at(90)), p99: r(at(99)), p999: r(at(99.9)), max: r(sorted[sorted.length - 1] ?? NaN), mean: r(mean) };
 }
 
 export function loadAverage(): string {
@@ -232,7 +233,11 @@ async function failover(): Promise<unknown> {
     result.transitions = a.transitions.filter((t) => t.at >= blackholedAt).map((t) => `${t.state}@${t.at - blackholedAt}ms`);
     result.callsToBlackholed = a.calls;
     console.error(`failover healthy: ${fmt(result.healthy as Summary)}`);
-    console.error(`failover before breaker opens (${result.breakerOpenedAfterMs as number} ms): ${fmt(result.beforeOpen as Summary)}`);
+    console.error(
+      Number.isFinite(opened)
+        ? `failover before breaker opens (${result.breakerOpenedAfterMs as number} ms): ${fmt(result.beforeOpen as Summary)}`
+        : `failover blackholed, breaker never opened: ${fmt(result.beforeOpen as Summary)}  unwrap calls to the blackholed backend ${a.calls.unwrap}`,
+    );
     console.error(`failover after breaker opened: ${fmt(result.afterOpen as Summary)}  errors ${run.errors}  transitions ${(result.transitions as string[]).join(' ')}  (load ${loadAverage()})`);
   } finally {
     await server.stop();
