@@ -113,5 +113,6 @@ if ('env' in localKms) {
     t.like(backend(result.stdout, 'aws'), { verified: true });
   });
 } else {
-  test('done when (local-kms): server not running', (t) => t.pass(`skipped: ${localKms.missing}`));
+  // Reported as skipped, never as a pass (in CI requireServer fails instead).
+  test.skip(`done when (local-kms): ${localKms.missing}`, () => undefined);
 }
