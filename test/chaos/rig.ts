@@ -26,6 +26,7 @@ import type * as T from '../../src/kms/types.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { Metrics } from '../../src/observability/metrics.ts';
 import { Plugin } from '../../src/plugin.ts';
+import { canConnect } from '../helpers/plugin-harness.ts';
 import { serverEnv } from '../helpers/servers.ts';
 import { FaultProxy } from './fault-proxy.ts';
 
@@ -286,15 +287,6 @@ export async function startChild(configObject: Record<string, unknown>, dir: str
   };
 }
 
-function canConnect(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const c = net.connect(socketPath, () => {
-      c.destroy();
-      resolve(true);
-    });
-    c.once('error', () => resolve(false));
-  });
-}
 
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));

@@ -271,7 +271,8 @@ export async function spawnServe(t: ExecutionContext, args: string[], socketPath
   return proc;
 }
 
-function canConnect(socketPath: string): Promise<boolean> {
+/** True when something accepts connections on the unix socket. */
+export function canConnect(socketPath: string): Promise<boolean> {
   return new Promise((resolve) => {
     const c = net.connect(socketPath, () => {
       c.destroy();

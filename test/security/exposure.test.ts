@@ -14,7 +14,7 @@ import { generateKeyFile } from '../../src/backends/local.ts';
 import { call, clientsFor } from '../../src/cli/client.ts';
 import { parseEnvelope } from '../../src/envelope/format.ts';
 import type * as T from '../../src/kms/types.ts';
-import { MAIN, eventually, tempDir } from '../helpers/plugin-harness.ts';
+import { MAIN, canConnect, eventually, tempDir } from '../helpers/plugin-harness.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -41,7 +41,7 @@ async function serveWithOpenUmask(t: ExecutionContext, args: string[], socketPat
   await eventually(async () => {
     if (gone) throw new Error(`serve exited early:\n${stderr}`);
     const info = await lstat(socketPath).catch(() => undefined);
-    return info?.isSocket() && (await connects(socketPath)) ? true : undefined;
+    return info?.isSocket() && (await canConnect(socketPath)) ? true : undefined;
   }, 30_000, 50);
   return {
     pid: child.pid!,
@@ -51,15 +51,6 @@ async function serveWithOpenUmask(t: ExecutionContext, args: string[], socketPat
   };
 }
 
-function connects(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const c = net.connect(socketPath, () => {
-      c.destroy();
-      resolve(true);
-    });
-    c.once('error', () => resolve(false));
-  });
-}
 
 /** "0100007F:1F90" (/proc/net/tcp) or its 32-hex-digit tcp6 form, as an address. */
 function decodeProcAddress(hex: string): string {
