@@ -261,7 +261,6 @@ export class WrapEngine {
 
     return new Promise<DecryptResult>((resolve, reject) => {
       let next = 0;
-      let running = 0;
       let done = false;
       let hedgeTimer: NodeJS.Timeout | undefined;
       // Attempts still running; `overtaken` marks one that was slow enough to be hedged.
@@ -300,7 +299,6 @@ export class WrapEngine {
       const launch = (reason: 'first' | 'failover' | 'hedge') => {
         if (done || next >= candidates.length) return;
         const { copy, backend } = candidates[next++]!;
-        running++;
         if (reason === 'failover') this.metrics.decryptFailovers.inc();
         const isHedge = reason === 'hedge';
         const attempt = { controller: new AbortController(), overtaken: false };
@@ -329,7 +327,6 @@ export class WrapEngine {
             settle({ result: { plaintext, unwrappedBy: backend.name, formatVersion: envelope.formatVersion } });
           },
           (error: unknown) => {
-            running--;
             if (done) return;
             const code = errorCodeOf(error);
             if (error instanceof EnvelopeAlteredError) {
@@ -339,7 +336,7 @@ export class WrapEngine {
             }
             failures.push({ backend: backend.name, code });
             if (next < candidates.length) launch('failover');
-            else if (running === 0) allFailed();
+            else if (attemptsInFlight.size === 0) allFailed();
           },
         );
       };
