@@ -19,7 +19,7 @@ import type { WrapContext } from '../../src/backends/backend.ts';
 import { VaultBackend, vaultConfigSchema } from '../../src/backends/vault.ts';
 import { errorCodeOf } from '../../src/errors.ts';
 import { runBackendConformance } from './conformance.ts';
-import { requireServer } from '../helpers/servers.ts';
+import { requireServer, requireVar } from '../helpers/servers.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const policyText = readFileSync(path.join(root, 'policies/vault/trousseau.hcl'), 'utf8');
@@ -65,11 +65,7 @@ if ('missing' in server) {
   test.skip('vault (OpenBao): real server tests', () => {});
 } else {
   const env = server.env;
-  const need = (name: string): string => {
-    const value = env[name];
-    if (!value) throw new Error(`${name} missing from .servers/env/openbao.env`);
-    return value;
-  };
+  const need = (name: string): string => requireVar(env, name, 'openbao');
   const address = need('VAULT_ADDR');
   const rootToken = need('VAULT_ROOT_TOKEN');
   const tokenFile = need('VAULT_TOKEN_FILE');

@@ -26,7 +26,7 @@ import type * as T from '../../src/kms/types.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { Metrics } from '../../src/observability/metrics.ts';
 import { Plugin } from '../../src/plugin.ts';
-import { canConnect } from '../helpers/plugin-harness.ts';
+import { canConnect, eventually, sleep } from '../helpers/plugin-harness.ts';
 import { serverEnv } from '../helpers/servers.ts';
 import { FaultProxy } from './fault-proxy.ts';
 
@@ -288,19 +288,8 @@ export async function startChild(configObject: Record<string, unknown>, dir: str
 }
 
 
-export function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-export async function eventually<R>(check: () => Promise<R | undefined> | R | undefined, timeoutMs: number, everyMs = 25): Promise<R> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`condition not met within ${timeoutMs} ms`);
-    await sleep(everyMs);
-  }
-}
+// sleep and eventually are the shared test helpers, re-exported for the chaos files.
+export { eventually, sleep };
 
 // ---------------------------------------------------------------- client calls
 

@@ -32,3 +32,10 @@ export function requireServer(name: string): { env: Record<string, string> } | {
   console.error(`\n!!! ${missing} (its tests are SKIPPED)\n`);
   return { missing };
 }
+
+/** A variable a server's env file must define; its absence is a broken server script. */
+export function requireVar(env: Record<string, string>, name: string, server: string): string {
+  const value = env[name];
+  if (!value) throw new Error(`${name} missing from .servers/env/${server}.env`);
+  return value;
+}

@@ -14,18 +14,14 @@ import { parseConfig } from '../../src/config/load.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { Metrics } from '../../src/observability/metrics.ts';
 import { Plugin } from '../../src/plugin.ts';
-import { requireServer } from '../helpers/servers.ts';
+import { requireServer, requireVar } from '../helpers/servers.ts';
 
 const server = requireServer('openbao');
 if ('missing' in server) {
   test.skip('credential expiry metric: needs the OpenBao server', () => {});
 } else {
   const env = server.env;
-  const need = (name: string): string => {
-    const value = env[name];
-    if (!value) throw new Error(`${name} missing from .servers/env/openbao.env`);
-    return value;
-  };
+  const need = (name: string): string => requireVar(env, name, 'openbao');
   const address = need('VAULT_ADDR');
   const rootToken = need('VAULT_ROOT_TOKEN');
 
