@@ -14,7 +14,7 @@
  */
 import type { Logger } from 'pino';
 import { TrousseauError, errorCodeOf, type ErrorCode } from '../errors.ts';
-import { dataKeyMaterial, envelopeSize, matchesCommitment, newDataKey, newEnvelopeId, openPayload, sealEnvelope } from '../envelope/crypto.ts';
+import { EnvelopeKeys, envelopeSize, newDataKey, newEnvelopeId, openPayload, sealEnvelope } from '../envelope/crypto.ts';
 import { parseEnvelope, type CopyEntry, type ParsedEnvelope } from '../envelope/format.ts';
 import { V2_MAX_CIPHERTEXT_BYTES } from '../envelope/limits.ts';
 import { placeCopies, type Transport, type WrappedCopy } from '../envelope/placement.ts';
@@ -347,20 +347,21 @@ export class WrapEngine {
   /** Unwrap one copy, check the commitment in constant time, then open the payload. */
   private async attempt(envelope: ParsedEnvelope, copy: CopyEntry & { wrapped: Uint8Array }, backend: GuardedBackend, signal: AbortSignal): Promise<Buffer> {
     const dataKey = await backend.unwrap(copy.wrapped, copy.keyVersion, { envelopeId: envelope.envelopeId, backendName: backend.name }, signal);
+    // The guard checked it is exactly 32 bytes; one HKDF extract serves both derivations.
+    const keys = new EnvelopeKeys(dataKey, envelope.envelopeId);
     try {
-      // The guard checked it is exactly 32 bytes; one KeyObject serves both derivations.
-      const material = dataKeyMaterial(dataKey);
-      if (!matchesCommitment(material, envelope)) {
+      if (!keys.matches(envelope.commitment)) {
         this.metrics.commitmentMismatches.inc({ backend: backend.name });
         this.logger.warn({ backend: backend.name }, 'unwrapped key does not match the envelope commitment: copy tampered with');
         throw new TrousseauError('TAMPERED', `copy from ${backend.name} wraps a different key`);
       }
       try {
-        return openPayload(envelope, material);
+        return openPayload(envelope, keys);
       } catch (error) {
         throw new EnvelopeAlteredError(error as TrousseauError);
       }
     } finally {
+      keys.wipe();
       dataKey.fill(0);
     }
   }
