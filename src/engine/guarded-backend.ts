@@ -240,7 +240,6 @@ export class GuardedBackend {
   private async call<T>(operation: BackendOperation, fn: (signal: AbortSignal) => Promise<T>, callerSignal: AbortSignal, check: (result: T) => string | undefined): Promise<T> {
     const started = performance.now();
     const linked = linkedSignal([callerSignal], this.settings.timeoutMs, CALL_TIMED_OUT);
-    const timeout = { get aborted() { return linked.timedOut; } };
     const signal = linked.signal;
     const action: Action = async (s) => {
       let result: T;
@@ -250,7 +249,7 @@ export class GuardedBackend {
         // The breaker must see what classify() will report: a call the caller abandoned
         // (client gone, hedge lost, quorum reached) says nothing about the backend,
         // whatever reason the caller's signal carried.
-        if (callerSignal.aborted && !timeout.aborted && errorCodeOf(error) !== 'BACKEND_REJECTED') {
+        if (callerSignal.aborted && !linked.timedOut && errorCodeOf(error) !== 'BACKEND_REJECTED') {
           throw this.abandoned(callerSignal, error);
         }
         throw error;
@@ -270,7 +269,7 @@ export class GuardedBackend {
       this.metrics.lastSuccess.set({ backend: this.name }, this.lastSuccessAt / 1000);
       return result;
     } catch (raw) {
-      const error = this.classify(raw, callerSignal, timeout);
+      const error = this.classify(raw, callerSignal, linked);
       const outcome = OUTCOME_BY_CODE[error.code] ?? 'unavailable';
       this.metrics.backendRequests.inc({ backend: this.name, operation, outcome });
       if (outcome !== 'breaker_open' && outcome !== 'cancelled') {
@@ -301,7 +300,7 @@ export class GuardedBackend {
   }
 
   /** Turn whatever the call threw into a TrousseauError with a safe message. */
-  private classify(raw: unknown, callerSignal: AbortSignal, timeout: { readonly aborted: boolean }): TrousseauError {
+  private classify(raw: unknown, callerSignal: AbortSignal, call: { readonly timedOut: boolean }): TrousseauError {
     if ((raw as { code?: unknown }).code === 'EOPENBREAKER') {
       return new TrousseauError('BREAKER_OPEN', `backend ${this.name} is failing; its circuit breaker is open`);
     }
@@ -310,7 +309,7 @@ export class GuardedBackend {
       if (isTrousseauError(raw) && (raw.code === 'CANCELLED' || raw.code === 'DEADLINE')) return raw;
       return this.abandoned(callerSignal, raw);
     }
-    if (timeout.aborted) {
+    if (call.timedOut) {
       return new TrousseauError('DEADLINE', `backend ${this.name} did not answer within ${this.settings.timeoutMs} ms`, { cause: raw });
     }
     const code = errorCodeOf(raw);
