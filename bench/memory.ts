@@ -31,6 +31,7 @@ import path from 'node:path';
 import { generateKeyFile } from '../src/backends/local.ts';
 import { call, clientsFor } from '../src/cli/client.ts';
 import type * as T from '../src/kms/types.ts';
+import { pluginNodeArgs } from './plugin-node-args.ts';
 
 const root = path.resolve(import.meta.dirname, '..');
 const MiB = 2 ** 20;
@@ -116,7 +117,7 @@ async function startPlugin(dir: string): Promise<{ child: ChildProcess; socket: 
     log: { level: 'warn' },
   };
   await writeFile(path.join(dir, 'config.yaml'), JSON.stringify(config));
-  const extra = process.env.BENCH_PLUGIN_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  const extra = pluginNodeArgs(root);
   const child = spawn(process.execPath, [...extra, '--inspect=127.0.0.1:0', path.join(root, 'src/main.ts'), 'serve', '--config', path.join(dir, 'config.yaml')], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });

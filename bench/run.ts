@@ -29,6 +29,7 @@ import { generateKeyFile } from '../src/backends/local.ts';
 import { call, clientsFor } from '../src/cli/client.ts';
 import type * as T from '../src/kms/types.ts';
 import { emit } from './record.ts';
+import { pluginNodeArgs } from './plugin-node-args.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -113,7 +114,7 @@ async function startPlugin(dir: string, backends: number): Promise<{ child: Chil
     log: { level: 'warn' },
   };
   await writeFile(path.join(dir, 'config.yaml'), JSON.stringify(config));
-  const extra = process.env.BENCH_PLUGIN_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  const extra = pluginNodeArgs(root);
   const child = spawn(process.execPath, [...extra, path.join(root, 'src/main.ts'), 'serve', '--config', path.join(dir, 'config.yaml')], {
     stdio: ['ignore', 'ignore', 'inherit'],
   });

@@ -26,6 +26,7 @@ import { parseEnvelope } from '../src/envelope/format.ts';
 import type * as T from '../src/kms/types.ts';
 import { LatencyBackend, type LatencyProfile } from './latency-backend.ts';
 import type { BackendReport, Request, ServerSpec } from './scenario-server.ts';
+import { pluginNodeArgs } from './plugin-node-args.ts';
 
 export const SCENARIOS = ['fanout', 'failover', 'hedging', 'storm'] as const;
 export type ScenarioName = (typeof SCENARIOS)[number];
@@ -74,7 +75,7 @@ interface Server {
 async function startServer(spec: Omit<ServerSpec, 'dir' | 'socket'>): Promise<Server> {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'trs-bench-'));
   const socket = path.join(dir, 'kms.sock');
-  const extra = process.env.BENCH_PLUGIN_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  const extra = pluginNodeArgs(root);
   const child: ChildProcess = spawn(process.execPath, [...extra, path.join(root, 'bench/scenario-server.ts')], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   let next = 0;
   const pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
