@@ -186,7 +186,8 @@ if (fanout) {
 }
 
 // (c) the matrix
-const matrix = latest('matrix', (l) => l.client === 'node') ?? latest('matrix');
+// The Go client is the default and the apiserver-like one (bench/run.ts says why).
+const matrix = latest('matrix', (l) => l.client === 'go') ?? latest('matrix');
 if (matrix) {
   const results = matrix.results as { backends: number; concurrency: number; operation: string; opsPerSec: number; p99: number }[];
   const backends = [...new Set(results.map((r) => r.backends))].sort((a, b) => a - b);
