@@ -152,6 +152,15 @@ async function main(): Promise<number> {
     let current = new Recorder();
     let currentDown: readonly BackendName[] = [];
     let inPhase = false;
+    /**
+     * Bumped whenever a phase starts or ends. A call is judged against a phase's
+     * faults only if it started and ended inside that same phase: a Decrypt started
+     * under "vault+azure down" that outlives the settle and ends in the next phase
+     * ("aws down") did not have a readable copy when it ran.
+     */
+    let phaseGeneration = 0;
+    const within = () => ({ inPhase, generation: phaseGeneration });
+    const stillWithin = (at: { inPhase: boolean; generation: number }) => at.inPhase && at.generation === phaseGeneration;
     /** Decrypt failures while the envelope held a copy from a backend the phase left up. */
     let readableFailures = 0;
     /** Encrypt failures while at most one backend was down (quorum 2 of 3 reachable). */
@@ -163,17 +172,19 @@ async function main(): Promise<number> {
     const clientLoop = async (id: number) => {
       while (running && ops < profile.maxOps && !crashed) {
         const plaintext = randomBytes(randomInt(1, 600));
+        const encryptStarted = within();
         const e = await encrypt(child.clients, plaintext, `soak-${id}`);
         ops++;
         current.add('encrypt', e);
         total.add('encrypt', e);
-        if (!e.ok && inPhase && currentDown.length <= 1) {
+        if (!e.ok && stillWithin(encryptStarted) && currentDown.length <= 1) {
           quorumFailures++;
           log(`Encrypt failed with at most one backend down (${e.code} after ${Math.round(e.ms)} ms): ${e.detail ?? ''}`);
         }
         if (e.ok) kept.push({ plaintext, encrypted: e.value!, copies: copiesOf(e.value!) });
         if (kept.length === 0) continue;
         const pick = kept[randomInt(0, kept.length)]!;
+        const decryptStarted = within();
         const d = await decrypt(child.clients, pick.encrypted, `soak-${id}`);
         ops++;
         if (d.ok && !d.value!.equals(pick.plaintext)) {
@@ -183,7 +194,7 @@ async function main(): Promise<number> {
         }
         current.add('decrypt', d);
         total.add('decrypt', d);
-        if (!d.ok && inPhase && pick.copies.some((c) => !currentDown.includes(c as BackendName))) {
+        if (!d.ok && stillWithin(decryptStarted) && pick.copies.some((c) => !currentDown.includes(c as BackendName))) {
           readableFailures++;
           log(`Decrypt failed with a readable copy (${pick.copies.join('+')}; ${d.code} after ${Math.round(d.ms)} ms): ${d.detail ?? ''}`);
         }
@@ -199,6 +210,7 @@ async function main(): Promise<number> {
         // its own fault and not the healing of the previous one; the time it takes
         // is the recovery time.
         inPhase = false;
+        phaseGeneration++;
         current = new Recorder();
         await Promise.all(BACKENDS.map((b) => proxies[b].pass()));
         const settleStarted = performance.now();
@@ -208,6 +220,7 @@ async function main(): Promise<number> {
         current = new Recorder();
         currentDown = phase.down;
         inPhase = true;
+        phaseGeneration++;
         phaseStats.push({ name: phase.name, rec: current, settleMs, rss: 0 });
         const phaseEnd = Date.now() + profile.phaseMs;
         for (let second = 0; Date.now() < phaseEnd && !crashed; second++) {
@@ -215,6 +228,7 @@ async function main(): Promise<number> {
           await sleep(Math.min(1000, Math.max(0, phaseEnd - Date.now())));
         }
         inPhase = false;
+        phaseGeneration++;
         phaseStats.at(-1)!.rss = rssMb(child.child.pid) ?? 0;
         log(`${phase.name.padEnd(26)} ${describeRec(phaseStats.at(-1)!.rec)} (settled before in ${Math.round(settleMs)} ms; plugin rss ${phaseStats.at(-1)!.rss} MB)`);
       }
