@@ -18,6 +18,7 @@ import { runInNewContext } from 'node:vm';
 import v8 from 'node:v8';
 import { status as grpcStatus, type ServiceError } from '@grpc/grpc-js';
 import { stringify as toYaml } from 'yaml';
+import { imageNodeOptions } from '../../bench/plugin-node-args.ts';
 import { call, clientsFor } from '../../src/cli/client.ts';
 import { parseConfig } from '../../src/config/load.ts';
 import { parseEnvelope } from '../../src/envelope/format.ts';
@@ -239,12 +240,16 @@ export interface ChildPlugin extends Running {
   exited: Promise<number | null>;
 }
 
-/** `trousseau serve --config FILE` as a child process, ready once its socket accepts. */
+/**
+ * `trousseau serve --config FILE` as a child process, ready once its socket accepts,
+ * with the Node options the container image sets: the plugin under fire is the one
+ * that is deployed.
+ */
 export async function startChild(configObject: Record<string, unknown>, dir: string, env: Record<string, string>, name = 'chaos'): Promise<ChildPlugin> {
   const file = path.join(dir, `${name}.yaml`);
   await writeFile(file, toYaml(configObject), { mode: 0o600 });
   const socketPath = (configObject.socket as { path: string }).path;
-  const child = spawn(process.execPath, [path.join(repoRoot, 'src', 'main.ts'), 'serve', '--config', file], {
+  const child = spawn(process.execPath, [...imageNodeOptions(repoRoot), path.join(repoRoot, 'src', 'main.ts'), 'serve', '--config', file], {
     cwd: repoRoot,
     env: { ...process.env, ...env },
     stdio: ['ignore', 'ignore', 'pipe'],
