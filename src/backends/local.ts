@@ -7,6 +7,7 @@
  * written before a key change still unwrap.
  */
 import { createCipheriv, createDecipheriv, createHash, createSecretKey, randomBytes, type KeyObject } from 'node:crypto';
+import { pooledRandomBytes } from '../envelope/random.ts';
 import { link, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { z } from 'zod';
@@ -91,7 +92,7 @@ export class LocalKeyBackend implements KeyBackend {
 
   async wrap(dataKey: Uint8Array, context: WrapContext): Promise<WrappedKey> {
     const { keyObject, version } = (await this.keyRing()).keys[0]!;
-    const nonce = randomBytes(NONCE_BYTES);
+    const nonce = pooledRandomBytes(NONCE_BYTES);
     const cipher = createCipheriv('aes-256-gcm', keyObject, nonce);
     cipher.setAAD(contextBytes(context));
     const sealed = Buffer.concat([nonce, cipher.update(dataKey), cipher.final(), cipher.getAuthTag()]);

@@ -11,21 +11,22 @@
  * - The header is the payload's AAD, so dropping, reordering, swapping or splicing
  *   copies, or changing the quorum or the version, makes the payload fail to open.
  */
-import { createCipheriv, createDecipheriv, createSecretKey, randomBytes, timingSafeEqual, type KeyObject } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createSecretKey, timingSafeEqual, type KeyObject } from 'node:crypto';
 import { TrousseauError } from '../errors.ts';
 import { COMMITMENT_BYTES, NONCE_BYTES, TAG_BYTES, encodeHeader, headerSize, type CopyToEncode, type ParsedEnvelope } from './format.ts';
 import { hkdfExpand32, hkdfExtract } from './hkdf.ts';
 import { DATA_KEY_BYTES, ENVELOPE_ID_BYTES, MAX_PLAINTEXT_BYTES } from './limits.ts';
+import { pooledRandomBytes } from './random.ts';
 
 const COMMITMENT_INFO = Buffer.from('trousseau/v1 key commitment');
 const PAYLOAD_KEY_INFO = Buffer.from('trousseau/v1 payload key');
 
 export function newDataKey(): Buffer {
-  return randomBytes(DATA_KEY_BYTES);
+  return pooledRandomBytes(DATA_KEY_BYTES);
 }
 
 export function newEnvelopeId(): Buffer {
-  return randomBytes(ENVELOPE_ID_BYTES);
+  return pooledRandomBytes(ENVELOPE_ID_BYTES);
 }
 
 /**
@@ -103,7 +104,7 @@ export interface SealInput {
 /** Build a complete envelope. The caller decides where each copy lives (see placement.ts). */
 export function sealEnvelope(input: SealInput): Buffer {
   if (input.plaintext.length > MAX_PLAINTEXT_BYTES) throw new TrousseauError('INVALID_INPUT', 'plaintext too large');
-  const nonce = randomBytes(NONCE_BYTES);
+  const nonce = pooledRandomBytes(NONCE_BYTES);
   const keys = new EnvelopeKeys(input.dataKey, input.envelopeId);
   try {
     const header = encodeHeader({
