@@ -104,13 +104,17 @@ export class LocalKeyBackend implements KeyBackend {
     if (wrapped.length !== NONCE_BYTES + KEY_BYTES + TAG_BYTES) {
       throw new TrousseauError('BACKEND_REJECTED', 'wrapped key has the wrong length for a local key');
     }
-    const bytes = Buffer.from(wrapped);
+    const bytes = Buffer.from(wrapped.buffer, wrapped.byteOffset, wrapped.byteLength);
     const decipher = createDecipheriv('aes-256-gcm', key, bytes.subarray(0, NONCE_BYTES));
     decipher.setAAD(contextBytes(context));
     decipher.setAuthTag(bytes.subarray(NONCE_BYTES + KEY_BYTES));
+    // GCM gives every byte from update(); final() only checks the tag.
+    const dataKey = decipher.update(bytes.subarray(NONCE_BYTES, NONCE_BYTES + KEY_BYTES));
     try {
-      return Buffer.concat([decipher.update(bytes.subarray(NONCE_BYTES, NONCE_BYTES + KEY_BYTES)), decipher.final()]);
+      decipher.final();
+      return dataKey;
     } catch (error) {
+      dataKey.fill(0);
       throw new TrousseauError('BACKEND_REJECTED', 'wrapped key does not authenticate under this local key', { cause: error });
     }
   }

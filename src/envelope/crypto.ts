@@ -140,7 +140,16 @@ export function openPayload(envelope: ParsedEnvelope, dataKey: DataKeyMaterial):
     const decipher = createDecipheriv('aes-256-gcm', keys.payloadKey(), envelope.nonce);
     decipher.setAAD(envelope.headerBytes);
     decipher.setAuthTag(sealed.subarray(sealed.length - TAG_BYTES));
-    return Buffer.concat([decipher.update(sealed.subarray(0, sealed.length - TAG_BYTES)), decipher.final()]);
+    // GCM gives every byte from update(); final() only checks the tag, and nothing
+    // unauthenticated leaves this function.
+    const plaintext = decipher.update(sealed.subarray(0, sealed.length - TAG_BYTES));
+    try {
+      decipher.final();
+    } catch (error) {
+      plaintext.fill(0);
+      throw error;
+    }
+    return plaintext;
   } catch (error) {
     throw new TrousseauError('TAMPERED', 'envelope failed authentication: its header or payload was altered', { cause: error });
   } finally {

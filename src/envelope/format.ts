@@ -132,34 +132,40 @@ export function encodeHeader(header: HeaderToEncode): Buffer {
 /** A cursor that refuses to read past the end: every read is bounds-checked first. */
 class Reader {
   private at = 0;
-  private readonly bytes: Uint8Array;
+  private readonly bytes: Buffer;
 
   constructor(bytes: Uint8Array) {
-    this.bytes = bytes;
+    // A Buffer view of the same memory (no copy), for its latin1 decoding.
+    this.bytes = Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   }
 
   get offset(): number {
     return this.at;
   }
 
-  take(length: number, what: string): Uint8Array {
+  private need(length: number, what: string): number {
     if (length > this.bytes.length - this.at) throw invalid(`truncated ${what}`);
-    const slice = this.bytes.subarray(this.at, this.at + length);
+    const start = this.at;
     this.at += length;
-    return slice;
+    return start;
+  }
+
+  take(length: number, what: string): Uint8Array {
+    const start = this.need(length, what);
+    return this.bytes.subarray(start, start + length);
   }
 
   u8(what: string): number {
-    return this.take(1, what)[0]!;
+    return this.bytes[this.need(1, what)]!;
   }
 
   u16(what: string): number {
-    const b = this.take(2, what);
-    return (b[0]! << 8) | b[1]!;
+    return this.bytes.readUInt16BE(this.need(2, what));
   }
 
   ascii(length: number, what: string): string {
-    return Buffer.from(this.take(length, what)).toString('latin1');
+    const start = this.need(length, what);
+    return this.bytes.toString('latin1', start, start + length);
   }
 }
 
@@ -170,7 +176,7 @@ class Reader {
  */
 export function parseEnvelope(ciphertext: Uint8Array, annotations: ReadonlyMap<string, Uint8Array> = new Map()): ParsedEnvelope {
   const r = new Reader(ciphertext);
-  if (!Buffer.from(r.take(MAGIC.length, 'magic')).equals(MAGIC)) throw invalid('not a Trousseau envelope');
+  if (!MAGIC.equals(r.take(MAGIC.length, 'magic'))) throw invalid('not a Trousseau envelope');
   const formatVersion = r.u8('version');
   if (formatVersion !== FORMAT_VERSION) throw invalid(`unsupported format version ${formatVersion}`);
   const flags = r.u8('flags');

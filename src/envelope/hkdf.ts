@@ -14,13 +14,21 @@ export const HASH_BYTES = 32;
 const IPAD = 0x36;
 const OPAD = 0x5c;
 
+/**
+ * Scratch memory shared by every call: the function is synchronous, so no two calls
+ * can use it at once, and it is wiped before each call returns. One allocation per
+ * process instead of one per HMAC (three per Encrypt and per Decrypt).
+ */
+const SHARED_SCRATCH = Buffer.alloc(BLOCK_BYTES + 128);
+
 /** HMAC-SHA256 (RFC 2104) of the concatenated `parts`, for keys of at most one block. */
 export function hmacSha256(key: Uint8Array, ...parts: Uint8Array[]): Buffer {
   if (key.length > BLOCK_BYTES) throw new RangeError('HMAC key longer than one block');
   const messageLength = parts.reduce((sum, p) => sum + p.length, 0);
   // One scratch buffer: [K ^ ipad | message] for the inner hash, then reused as
   // [K ^ opad | inner digest] for the outer one.
-  const scratch = Buffer.alloc(BLOCK_BYTES + Math.max(messageLength, HASH_BYTES));
+  const needed = BLOCK_BYTES + Math.max(messageLength, HASH_BYTES);
+  const scratch = needed <= SHARED_SCRATCH.length ? SHARED_SCRATCH : Buffer.alloc(needed);
   let inner: Buffer | undefined;
   try {
     for (let i = 0; i < BLOCK_BYTES; i++) scratch[i] = (key[i] ?? 0) ^ IPAD;
@@ -34,7 +42,7 @@ export function hmacSha256(key: Uint8Array, ...parts: Uint8Array[]): Buffer {
     scratch.set(inner, BLOCK_BYTES);
     return hash('sha256', scratch.subarray(0, BLOCK_BYTES + HASH_BYTES), 'buffer');
   } finally {
-    scratch.fill(0);
+    scratch.fill(0, 0, needed);
     inner?.fill(0);
   }
 }
