@@ -16,6 +16,10 @@ export class KmsServer {
   private readonly server = new grpc.Server({
     'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
     'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+    // Channelz (gRPC's introspection service) is never exposed here, but grpc-js still
+    // tracks every call for it when enabled: off, the gRPC layer costs 2-18 % less
+    // CPU per call (four alternating runs, docs/performance.md).
+    'grpc.enable_channelz': 0,
   });
   private readonly context: HandlerContext;
   private readonly socket: SocketSettings;
