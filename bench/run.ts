@@ -7,11 +7,6 @@
  *   npm run bench                    full matrix, table on stdout
  *   npm run bench -- --quick --json  3 backends, concurrency 16, one JSON line
  *   npm run bench -- --client node   load from this Node process instead of the Go client
- *
- * The default client is bench/goload (grpc-go and the k8s.io/kms types, as
- * kube-apiserver). A Node client on the same 2 cores costs about as much CPU as the
- * plugin, and its own event-loop delays (reported as "client loop p99") end up in the
- * latencies it measures; without a Go toolchain the bench falls back to it.
  *   npm run bench -- --scenario fanout|failover|hedging|storm|all [--json]
  *                                    injected-latency scenarios (bench/scenarios.ts)
  *   npm run bench -- --scenario memory
@@ -20,7 +15,13 @@
  *                                    node, cpus, load: bench/record.ts) to a file
  *   node bench/charts.ts             redraw docs/charts/*.svg from bench/results.jsonl
  *
- * BENCH_PLUGIN_NODE_ARGS passes flags to the plugin process (e.g. --cpu-prof).
+ * The default client is bench/goload (grpc-go and the k8s.io/kms types, as
+ * kube-apiserver). A Node client on the same 2 cores costs about as much CPU as the
+ * plugin, and its own event-loop delays (reported as "client loop p99") end up in the
+ * latencies it measures; without a Go toolchain the bench falls back to it.
+ *
+ * The plugin runs with the Node options the Dockerfile sets (plugin-node-args.ts);
+ * BENCH_PLUGIN_NODE_ARGS adds more (e.g. --cpu-prof).
  *
  * Results are recorded in docs/performance.md.
  */

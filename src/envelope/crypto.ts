@@ -56,7 +56,7 @@ export class EnvelopeKeys {
   /**
    * The payload key as a KeyObject. Why not hand the Buffer to createCipheriv: Node 24
    * first asks whether a key is a KeyObject or a CryptoKey by catching two thrown
-   * TypeErrors, ~40 us per call under load, more than the whole cipher. The
+   * TypeErrors: 32 us per Decrypt in a profile under load, more than the cipher. The
    * KeyObject's native copy is cleared when it is freed.
    */
   payloadKey(): KeyObject {
@@ -108,10 +108,10 @@ export function sealEnvelope(input: SealInput): Buffer {
   const keys = new EnvelopeKeys(input.dataKey, input.envelopeId);
   try {
     const header = encodeHeader({
-    envelopeId: input.envelopeId,
-    quorum: input.quorum,
-    configuredBackends: input.configuredBackends,
-    copies: input.copies,
+      envelopeId: input.envelopeId,
+      quorum: input.quorum,
+      configuredBackends: input.configuredBackends,
+      copies: input.copies,
       commitment: keys.commitment,
       nonce,
       payloadLength: input.plaintext.length + TAG_BYTES,
