@@ -45,6 +45,12 @@ class BrokenBackend implements KeyBackend {
   async close(): Promise<void> {}
 }
 
+export interface Readiness {
+  ready: boolean;
+  /** Short reasons while not ready; empty when ready. */
+  reasons: string[];
+}
+
 export interface PluginOptions {
   config: Config;
   baseDir: string;
@@ -64,6 +70,8 @@ export class Plugin implements KmsCore {
   private readonly logger: Logger;
   private readonly metrics: Metrics;
   private started = false;
+  /** Extra conditions for readiness beyond the backends (the socket still being ours). */
+  private readonly readinessChecks: (() => string | undefined)[] = [];
 
   constructor(options: PluginOptions) {
     const { config, logger, metrics } = options;
@@ -156,9 +164,27 @@ export class Plugin implements KmsCore {
     return result.plaintext;
   }
 
-  /** True when at least one backend can serve. */
+  /**
+   * Add a condition the plugin must meet to be ready: `check` returns a short reason
+   * (no identifiers, no values: /readyz shows it to any local user) while unmet.
+   */
+  addReadinessCheck(check: () => string | undefined): void {
+    this.readinessChecks.push(check);
+  }
+
+  /** Ready or not, with the reasons why not. */
+  readiness(): Readiness {
+    const reasons: string[] = [];
+    if (!this.backends.some((b) => b.usable)) reasons.push('no key-management backend is reachable');
+    for (const check of this.readinessChecks) {
+      const reason = check();
+      if (reason !== undefined) reasons.push(reason);
+    }
+    return { ready: reasons.length === 0, reasons };
+  }
+
   get ready(): boolean {
-    return this.backends.some((b) => b.usable);
+    return this.readiness().ready;
   }
 
   describe() {

@@ -12,7 +12,7 @@ import type { Logger } from 'pino';
 import type { Metrics } from './metrics.ts';
 
 export interface ReadinessSource {
-  readonly ready: boolean;
+  readiness(): { ready: boolean; reasons: string[] };
   describe(): unknown;
 }
 
@@ -31,8 +31,8 @@ export class ObservabilityServer {
       if (url === '/healthz' || url === '/livez') {
         response.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
       } else if (url === '/readyz') {
-        const ready = readiness.ready;
-        response.writeHead(ready ? 200 : 503, { 'content-type': 'application/json' }).end(`${JSON.stringify({ ready, ...(readiness.describe() as object) })}\n`);
+        const { ready, reasons } = readiness.readiness();
+        response.writeHead(ready ? 200 : 503, { 'content-type': 'application/json' }).end(`${JSON.stringify({ ready, reasons, ...(readiness.describe() as object) })}\n`);
       } else if (url === '/metrics') {
         metrics.registry.metrics().then(
           (text) => response.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text),
