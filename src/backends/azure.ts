@@ -13,6 +13,7 @@
  * interval; each wrap records the version it used, and unwrap talks to that exact
  * version, so envelopes written before a rotation keep unwrapping.
  */
+import type { KeyObject } from 'node:crypto';
 import { Agent } from 'node:https';
 import { readFile } from 'node:fs/promises';
 import { rootCertificates } from 'node:tls';
@@ -26,12 +27,16 @@ import {
   ManagedIdentityCredential,
   WorkloadIdentityCredential,
 } from '@azure/identity';
-import { CryptographyClient, KeyClient, type CryptographyClientOptions } from '@azure/keyvault-keys';
+import { CryptographyClient, KeyClient, type CryptographyClientOptions, type KeyVaultKey } from '@azure/keyvault-keys';
 import { TrousseauError, isTrousseauError } from '../errors.ts';
+import { encodeSignedCopy, parseAzureCopy, signedDigest, verifyCopySignature, rsaPublicKeyFromJwk } from './azure-copy.ts';
 import type { KeyBackend, WrapContext, WrappedKey } from './backend.ts';
 import { commonBackendFields, type BackendDefinition } from './definition.ts';
 
 const ALGORITHM = 'RSA-OAEP-256';
+/** RSASSA-PSS with SHA-256: provably safe to share one RSA key with RSA-OAEP (see azure-copy.ts). */
+const SIGNATURE_ALGORITHM = 'PS256';
+const VERSION_PATTERN = /^[0-9A-Za-z]{1,64}$/;
 
 const nonEmpty = z.string().min(1);
 
@@ -66,6 +71,12 @@ export const azureConfigSchema = z
     keyRefreshIntervalMs: z.number().int().min(1000).max(86_400_000).default(300_000),
     /** PEM bundle of extra CAs trusted for the vault's TLS certificate, besides Node's bundled roots. */
     caFile: nonEmpty.optional(),
+    /**
+     * Accept copies written before Azure copies were signed (layout 0), during a
+     * migration only: such a copy can be minted by anyone holding the public key.
+     * Refused by default; docs/backends/azure-keyvault.md says how to migrate.
+     */
+    acceptUnsignedCopies: z.boolean().default(false),
     /** Skip the check that the auth challenge's resource matches the vault host (for non-Azure hosts such as localhost). */
     disableChallengeResourceVerification: z.boolean().default(false),
     credential: credentialSchema.default({ method: 'default' }),
@@ -102,13 +113,40 @@ interface Clients {
   agent: Agent | undefined;
 }
 
+/** Most key versions whose public key and client are kept (each holds a KeyObject and a client). */
+const MAX_CACHED_VERSIONS = 64;
+/** Most versions remembered from the vault's listing; a key rotated more often than this keeps its newest. */
+const MAX_LISTED_VERSIONS = 10_000;
+/** Most refused versions remembered, and for how long: a forged version costs nothing the second time. */
+const MAX_REFUSED_VERSIONS = 1024;
+const REFUSED_VERSION_TTL_MS = 60_000;
+/**
+ * The listing of versions is re-read for an unknown version at most this often, so
+ * envelopes naming thousands of invented versions cost one listing per interval, not
+ * one call each; a version rotated in by another plugin instance is found within it.
+ */
+const LIST_MIN_INTERVAL_MS = 2_000;
+
+/** What one key version needs: its public key (signature checks) and a client bound to it. */
+interface VersionKeys {
+  publicKey: KeyObject;
+  client: CryptographyClient;
+}
+
 export class AzureKeyVaultBackend implements KeyBackend {
   readonly kind = 'azure';
   readonly name: string;
   private readonly config: AzureBackendConfig;
   private readonly options: AzureBackendOptions;
+  /** The key's identifier without a version: what every signature names. */
+  private readonly keyId: string;
   private clients: Promise<Clients> | undefined;
-  private readonly cryptoClients = new Map<string, CryptographyClient>();
+  /** Bounded, least recently used first. Only versions the vault issued get an entry. */
+  private readonly versions = new Map<string, Promise<VersionKeys>>();
+  private listed: { versions: Set<string>; at: number } | undefined;
+  private listing: Promise<Set<string>> | undefined;
+  /** Versions the vault's listing did not have, with the time they stop being refused unread. */
+  private readonly refusedVersions = new Map<string, number>();
   private latest: { version: string; resolvedAt: number } | undefined;
   private resolving: Promise<string> | undefined;
   private closed = false;
@@ -117,6 +155,7 @@ export class AzureKeyVaultBackend implements KeyBackend {
     this.name = config.name;
     this.config = config;
     this.options = options;
+    this.keyId = `${config.vaultUrl.replace(/\/+$/, '')}/keys/${config.keyName}`;
   }
 
   async currentKeyVersion(signal: AbortSignal): Promise<string> {
@@ -125,27 +164,38 @@ export class AzureKeyVaultBackend implements KeyBackend {
     return this.resolveLatest(signal);
   }
 
-  async wrap(dataKey: Uint8Array, _context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
-    let version: string;
+  async wrap(dataKey: Uint8Array, context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
+    const version = await this.versionForWrap(signal);
     try {
-      version = await this.currentKeyVersion(signal);
+      return await this.wrapWith(version, dataKey, context, signal);
     } catch (error) {
-      // A failed refresh must not stop wraps while the last resolved version still works:
-      // the wrap call itself tells whether the vault and the key are usable.
-      if (!this.latest || signal.aborted) throw error;
-      version = this.latest.version;
+      // The version vanished (key deleted and re-created, version purged): find the
+      // current one now rather than at the next refresh, and wrap once more with it.
+      if (this.config.keyVersion !== 'latest' || !isKeyNotFound(error) || signal.aborted) throw error;
+      this.forgetVersion(version);
+      const current = await this.resolveLatest(signal);
+      if (current === version) throw error;
+      return this.wrapWith(current, dataKey, context, signal);
     }
-    const client = await this.cryptoClient(version, signal);
-    const result = await this.call('wrap', signal, () => client.wrapKey(ALGORITHM, dataKey, { abortSignal: signal }));
-    return { wrapped: result.result, keyVersion: version };
   }
 
-  async unwrap(wrapped: Uint8Array, keyVersion: string, _context: WrapContext, signal: AbortSignal): Promise<Uint8Array> {
-    if (!/^[0-9A-Za-z]{1,64}$/.test(keyVersion)) {
+  async unwrap(wrapped: Uint8Array, keyVersion: string, context: WrapContext, signal: AbortSignal): Promise<Uint8Array> {
+    if (!VERSION_PATTERN.test(keyVersion)) {
       throw new TrousseauError('BACKEND_REJECTED', 'recorded key version is not a Key Vault key version');
     }
-    const client = await this.cryptoClient(keyVersion, signal);
-    const result = await this.call('unwrap', signal, () => client.unwrapKey(ALGORITHM, wrapped, { abortSignal: signal }));
+    // Structure first: a malformed copy costs no call.
+    const copy = parseAzureCopy(wrapped);
+    if (copy.layout === 0 && !this.config.acceptUnsignedCopies) {
+      throw new TrousseauError(
+        'BACKEND_REJECTED',
+        'unsigned Azure copy refused (written before copies were signed; acceptUnsignedCopies admits them during a migration)',
+      );
+    }
+    const keys = await this.versionKeys(keyVersion, signal);
+    if (copy.layout === 1 && !verifyCopySignature(keys.publicKey, this.binding(context, keyVersion), copy.wrapped, copy.signature)) {
+      throw new TrousseauError('BACKEND_REJECTED', `Azure copy signature does not verify with key version ${keyVersion}: not made by this key`);
+    }
+    const result = await this.call('unwrap', signal, () => keys.client.unwrapKey(ALGORITHM, copy.wrapped, { abortSignal: signal }));
     return result.result;
   }
 
@@ -153,9 +203,41 @@ export class AzureKeyVaultBackend implements KeyBackend {
     this.closed = true;
     const clients = this.clients;
     this.clients = undefined;
-    this.cryptoClients.clear();
+    this.versions.clear();
+    this.refusedVersions.clear();
+    this.listed = undefined;
     const settled = await clients?.catch(() => undefined);
     settled?.agent?.destroy();
+  }
+
+  private async versionForWrap(signal: AbortSignal): Promise<string> {
+    try {
+      return await this.currentKeyVersion(signal);
+    } catch (error) {
+      // A failed refresh must not stop wraps while the last resolved version still works:
+      // the wrap call itself tells whether the vault and the key are usable.
+      if (!this.latest || signal.aborted) throw error;
+      return this.latest.version;
+    }
+  }
+
+  /** Wrap with the vault, then have the vault sign the copy (two calls, inside one timeout). */
+  private async wrapWith(version: string, dataKey: Uint8Array, context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
+    const keys = await this.versionKeys(version, signal);
+    const { result: wrapped } = await this.call('wrap', signal, () => keys.client.wrapKey(ALGORITHM, dataKey, { abortSignal: signal }));
+    const binding = this.binding(context, version);
+    const { result: signature } = await this.call('sign', signal, () =>
+      keys.client.sign(SIGNATURE_ALGORITHM, signedDigest(binding, wrapped), { abortSignal: signal }),
+    );
+    // Checked here too, so a copy that Decrypt would refuse is never handed out.
+    if (!verifyCopySignature(keys.publicKey, binding, wrapped, signature)) {
+      throw new TrousseauError('BACKEND_REJECTED', `Key Vault's signature does not verify with key version ${version}`);
+    }
+    return { wrapped: encodeSignedCopy(wrapped, signature), keyVersion: version };
+  }
+
+  private binding(context: WrapContext, keyVersion: string) {
+    return { context, keyId: this.keyId, keyVersion };
   }
 
   private resolveLatest(signal: AbortSignal): Promise<string> {
@@ -168,7 +250,10 @@ export class AzureKeyVaultBackend implements KeyBackend {
           keyClient.getKey(this.config.keyName, { abortSignal: s }),
         );
         const version = key.properties.version;
-        if (!version) throw new TrousseauError('BACKEND_REJECTED', `key ${this.config.keyName} has no version`);
+        if (!version || !VERSION_PATTERN.test(version)) throw new TrousseauError('BACKEND_REJECTED', `key ${this.config.keyName} has no version`);
+        // The newest version is one the vault issued: cache it from this answer, no second call.
+        if (!this.versions.has(version)) this.remember(version, Promise.resolve(await this.keysFrom(key)));
+        this.listed?.versions.add(version);
         this.latest = { version, resolvedAt: Date.now() };
         return version;
       } finally {
@@ -178,14 +263,89 @@ export class AzureKeyVaultBackend implements KeyBackend {
     return raceAbort(this.resolving, signal);
   }
 
-  private async cryptoClient(version: string, signal: AbortSignal): Promise<CryptographyClient> {
-    const cached = this.cryptoClients.get(version);
-    if (cached) return cached;
-    const { credential, clientOptions } = await raceAbort(this.setup(), signal);
-    const keyId = `${this.config.vaultUrl.replace(/\/+$/, '')}/keys/${this.config.keyName}/${version}`;
-    const client = new CryptographyClient(keyId, credential, clientOptions);
-    if (!this.closed) this.cryptoClients.set(version, client);
-    return client;
+  /**
+   * Public key and client of a version the vault issued. A version it never issued (an
+   * envelope naming an invented one) is refused as a rejected copy, remembered for a
+   * while, and never creates a client or counts against the breaker.
+   */
+  private async versionKeys(version: string, signal: AbortSignal): Promise<VersionKeys> {
+    const cached = this.versions.get(version);
+    if (cached) {
+      this.versions.delete(version);
+      this.versions.set(version, cached);
+      return raceAbort(cached, signal);
+    }
+    if (version !== this.config.keyVersion && version !== this.latest?.version && !(await this.isIssued(version, signal))) {
+      throw new TrousseauError('BACKEND_REJECTED', `key ${this.config.keyName} has no version ${version} in the vault`);
+    }
+    const loading = (async () => {
+      const { keyClient } = await this.setup();
+      const key = await this.call('key lookup', AbortSignal.timeout(this.config.timeoutMs), (s) =>
+        keyClient.getKey(this.config.keyName, { version, abortSignal: s }),
+      );
+      if (key.properties.version !== version) throw new TrousseauError('BACKEND_REJECTED', `key lookup answered another version than ${version}`);
+      return this.keysFrom(key);
+    })();
+    // A failed lookup is not cached: the next call tries again.
+    loading.catch(() => this.versions.get(version) === loading && this.versions.delete(version));
+    this.remember(version, loading);
+    return raceAbort(loading, signal);
+  }
+
+  private async keysFrom(key: KeyVaultKey): Promise<VersionKeys> {
+    const { credential, clientOptions } = await this.setup();
+    const publicKey = rsaPublicKeyFromJwk(key.key ?? {});
+    // Built from the fetched key, the client does not fetch it again before each operation.
+    return { publicKey, client: new CryptographyClient(key, credential, clientOptions) };
+  }
+
+  private remember(version: string, keys: Promise<VersionKeys>): void {
+    if (this.closed) return;
+    this.versions.set(version, keys);
+    while (this.versions.size > MAX_CACHED_VERSIONS) this.versions.delete(this.versions.keys().next().value!);
+  }
+
+  private forgetVersion(version: string): void {
+    this.versions.delete(version);
+    this.listed?.versions.delete(version);
+    if (this.latest?.version === version) this.latest = undefined;
+  }
+
+  /** Whether the vault lists `version` for this key; relisted at most every LIST_MIN_INTERVAL_MS. */
+  private async isIssued(version: string, signal: AbortSignal): Promise<boolean> {
+    if (this.listed?.versions.has(version)) return true;
+    const refusedUntil = this.refusedVersions.get(version);
+    if (refusedUntil !== undefined && refusedUntil > Date.now()) return false;
+    if (!this.listed || Date.now() - this.listed.at >= LIST_MIN_INTERVAL_MS) {
+      const versions = await raceAbort(this.listVersions(), signal);
+      if (versions.has(version)) return true;
+    }
+    this.refusedVersions.delete(version);
+    this.refusedVersions.set(version, Date.now() + REFUSED_VERSION_TTL_MS);
+    while (this.refusedVersions.size > MAX_REFUSED_VERSIONS) this.refusedVersions.delete(this.refusedVersions.keys().next().value!);
+    return false;
+  }
+
+  private listVersions(): Promise<Set<string>> {
+    this.listing ??= (async () => {
+      try {
+        const { keyClient } = await this.setup();
+        const signal = AbortSignal.timeout(this.config.timeoutMs);
+        const versions = await this.call('key version listing', signal, async (s) => {
+          const found = new Set<string>();
+          for await (const properties of keyClient.listPropertiesOfKeyVersions(this.config.keyName, { abortSignal: s })) {
+            if (properties.version && VERSION_PATTERN.test(properties.version)) found.add(properties.version);
+            if (found.size >= MAX_LISTED_VERSIONS) break;
+          }
+          return found;
+        });
+        if (!this.closed) this.listed = { versions, at: Date.now() };
+        return versions;
+      } finally {
+        this.listing = undefined;
+      }
+    })();
+    return this.listing;
   }
 
   private setup(): Promise<Clients> {
@@ -215,7 +375,9 @@ export class AzureKeyVaultBackend implements KeyBackend {
     const credential = this.options.credential ?? createCredential(this.config.credential, this.options.baseDir);
     const clientOptions: CryptographyClientOptions = {
       disableChallengeResourceVerification: this.config.disableChallengeResourceVerification,
-      // Retries belong to the engine, which tries other copies within the apiserver's deadline.
+      // No SDK retries: its default retries a 5xx for several seconds, past the backend's
+      // timeout. Retrying belongs to the engine, which tries other copies within the
+      // apiserver's deadline.
       retryOptions: { maxRetries: 0 },
       ...(agent ? { agent } : {}),
       ...(this.options.additionalPolicies ? { additionalPolicies: this.options.additionalPolicies } : {}),
@@ -232,6 +394,12 @@ export class AzureKeyVaultBackend implements KeyBackend {
       throw classifyAzureError(error, `${what} with Azure key ${this.config.keyName} in ${this.config.vaultUrl}`);
     }
   }
+}
+
+/** A 404 from the vault: the key or the version is gone. */
+function isKeyNotFound(error: unknown): boolean {
+  const cause = isTrousseauError(error) ? (error as { cause?: unknown }).cause : error;
+  return typeof cause === 'object' && cause !== null && (cause as { statusCode?: unknown }).statusCode === 404;
 }
 
 /** The credential a config block asks for. Paths are resolved against baseDir. */
@@ -313,6 +481,17 @@ function abortError(signal: AbortSignal): TrousseauError {
   return new TrousseauError('BACKEND_UNAVAILABLE', 'Azure Key Vault call aborted', { cause: signal.reason });
 }
 
+/**
+ * lowkey-vault, the Key Vault emulator the tests run against, answers HTTP 500 where
+ * Azure answers 400 or 403: its error code is then the Java exception's class name. A
+ * ciphertext that does not decrypt (CryptoException) or a disabled key ("is not
+ * enabled") is a refusal, not an outage. Azure never sends these codes.
+ */
+function isEmulatorRefusal(code: string | undefined, message: unknown): boolean {
+  if (!code?.startsWith('com.github.nagyesta.lowkeyvault.') && !code?.startsWith('java.lang.')) return false;
+  return code.endsWith('.CryptoException') || (typeof message === 'string' && / is not enabled\.?$/.test(message));
+}
+
 const NETWORK_CODES = new Set([
   'ECONNREFUSED',
   'ECONNRESET',
@@ -346,6 +525,9 @@ export function classifyAzureError(error: unknown, what: string): TrousseauError
   const label = code && /^[A-Za-z_]{1,40}$/.test(code) ? ` ${code}` : '';
 
   if (name === 'AbortError') return new TrousseauError('BACKEND_UNAVAILABLE', `${what}: call aborted`, { cause: error });
+  if (status === 500 && isEmulatorRefusal(code, e.message)) {
+    return new TrousseauError('BACKEND_REJECTED', `${what}: vault refused the request (HTTP 500, a key or ciphertext problem)`, { cause: error });
+  }
   if (status !== undefined) {
     if (status === 408 || status === 429 || status >= 500) {
       return new TrousseauError('BACKEND_UNAVAILABLE', `${what}: vault answered HTTP ${status}${label}`, { cause: error });
