@@ -207,17 +207,21 @@ const PERMISSION_TO_DATA_ACTION: Record<string, string> = {
   get: 'Microsoft.KeyVault/vaults/keys/read',
   wrapKey: 'Microsoft.KeyVault/vaults/keys/wrap/action',
   unwrapKey: 'Microsoft.KeyVault/vaults/keys/unwrap/action',
+  // Each copy is signed at Encrypt (docs/envelope.md); the signature is verified locally.
+  sign: 'Microsoft.KeyVault/vaults/keys/sign/action',
 };
 
-/** The data action a Key Vault keys request needs (REST API: Get Key, Wrap Key, Unwrap Key). */
+/** The data action a Key Vault keys request needs (REST API: Get Key, Get Key Versions, Wrap Key, Unwrap Key, Sign). */
 function dataActionOf(method: string, pathname: string): string {
   if (method === 'GET' && /^\/keys\/[0-9A-Za-z-]+(\/[0-9A-Za-z]+)?\/?$/.test(pathname)) return PERMISSION_TO_DATA_ACTION.get!;
+  if (method === 'GET' && /^\/keys\/[0-9A-Za-z-]+\/versions\/?$/.test(pathname)) return PERMISSION_TO_DATA_ACTION.get!;
+  if (method === 'POST' && /^\/keys\/[0-9A-Za-z-]+\/[0-9A-Za-z]+\/sign$/i.test(pathname)) return PERMISSION_TO_DATA_ACTION.sign!;
   if (method === 'POST' && /^\/keys\/[0-9A-Za-z-]+\/[0-9A-Za-z]+\/wrapkey$/i.test(pathname)) return PERMISSION_TO_DATA_ACTION.wrapKey!;
   if (method === 'POST' && /^\/keys\/[0-9A-Za-z-]+\/[0-9A-Za-z]+\/unwrapkey$/i.test(pathname)) return PERMISSION_TO_DATA_ACTION.unwrapKey!;
   return `(unmapped: ${method} ${pathname})`;
 }
 
-test('azure: the role and the access policy grant the same three key permissions and nothing else', (t) => {
+test('azure: the role and the access policy grant the same four key permissions and nothing else', (t) => {
   const role = JSON.parse(readFileSync(ROLE_FILE, 'utf8')) as { Actions: string[]; NotActions: string[]; DataActions: string[]; AssignableScopes: string[] };
   t.deepEqual(role.Actions, []);
   t.deepEqual(sorted(role.DataActions), sorted(Object.values(PERMISSION_TO_DATA_ACTION)));
@@ -274,6 +278,9 @@ if ('missing' in kvServer) {
       t.deepEqual(Buffer.from(await backend.unwrap(wrapped, keyVersion, context, signal())), dataKey);
       const refused = await backend.unwrap(randomBytes(wrapped.length), keyVersion, context, signal()).catch((e: unknown) => e);
       t.is(errorCodeOf(refused), 'BACKEND_REJECTED');
+      // A version this instance has not seen: the backend lists the key's versions.
+      const unknown = await backend.unwrap(wrapped, 'f'.repeat(32), context, signal()).catch((e: unknown) => e);
+      t.is(errorCodeOf(unknown), 'BACKEND_REJECTED');
     });
     // A pinned version: the clients start cold, as after a restart.
     await using(make({ keyVersion: version }), async (backend) => {
