@@ -1,7 +1,7 @@
 /**
- * Azure Key Vault backend against the server test/servers/lowkey-vault.server.sh
- * started: lowkey-vault when its jar could be installed, else the stand-in (the env
- * file's AZURE_KV_SERVER says which; every title carries it).
+ * Azure Key Vault backend against lowkey-vault, the open-source Key Vault emulator that
+ * test/servers/lowkey-vault.server.sh starts (the env file's AZURE_KV_SERVER names it;
+ * every title carries it).
  *
  * Authentication is the production managedIdentity method: IDENTITY_ENDPOINT points
  * the real ManagedIdentityCredential at the server's token port (App Service style),
@@ -70,8 +70,8 @@ if ('missing' in server) {
     create: () => make(),
     createUnreachable: () => make({ vaultUrl: env.AZURE_KV_UNREACHABLE_URL }),
     secrets: [token],
-    // RSA-OAEP has no associated data; the envelope's key commitment covers moved copies.
-    bindsContext: false,
+    // RSA-OAEP has no associated data, but each copy's signature names its envelope and backend.
+    bindsContext: true,
   });
 
   test(`${label}: an RSA-4096 copy is the 512-byte wrapped key and its 512-byte signature`, async (t) => {

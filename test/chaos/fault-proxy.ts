@@ -14,7 +14,7 @@
  * - latency with jitter, and a heavy tail (a fraction of requests delayed by seconds);
  * - HTTP status (5xx, 429): parse just enough of each request (headers, then
  *   Content-Length or chunked body) to answer it with a canned response. Only for
- *   plain-HTTP upstreams: behind TLS (the Azure stand-in) the proxy sees ciphertext,
+ *   plain-HTTP upstreams: behind TLS (lowkey-vault, for azure) the proxy sees ciphertext,
  *   so a TLS proxy allows TCP-level faults only and refuses httpStatus().
  */
 import net from 'node:net';

@@ -2,8 +2,7 @@
  * Soak with zero loss: `npm run chaos -- --profile ci|long|short`.
  *
  * Runs `trousseau serve` as a child process against the three real servers (OpenBao,
- * local-kms, and the Azure Key Vault stand-in — our own server, because lowkey-vault
- * cannot be installed here), each behind a FaultProxy. Several concurrent gRPC clients
+ * local-kms, and lowkey-vault for Azure Key Vault), each behind a FaultProxy. Several concurrent gRPC clients
  * Encrypt and Decrypt while a schedule cycles faults across the backends, and every
  * envelope returned is kept with its plaintext. At the end, each backend alone (the
  * other two blackholed) must decrypt every envelope it holds a copy of to its original

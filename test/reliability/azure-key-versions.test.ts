@@ -127,7 +127,7 @@ if ('missing' in server) {
     const backend = make(vaultUrl, name, policy);
     t.teardown(() => backend.close());
     const context = { envelopeId: randomBytes(16), backendName: 'azure' };
-    t.is((await backend.wrap(randomBytes(32), context, signal())).keyVersion, first.properties.version);
+    t.is((await backend.wrap(randomBytes(32), context, signal())).keyVersion, first.properties.version!);
 
     // On a purgeable vault lowkey-vault deletes at once, then answers 404 for the deleted key.
     await admin.beginDeleteKey(name).catch(() => undefined);
@@ -138,8 +138,8 @@ if ('missing' in server) {
     // Within the 5-minute refresh interval: the vanished version must not be used again.
     const dataKey = randomBytes(32);
     const copy = await backend.wrap(dataKey, context, signal());
-    t.is(copy.keyVersion, second.properties.version);
-    t.is(await backend.currentKeyVersion(signal()), second.properties.version);
+    t.is(copy.keyVersion, second.properties.version!);
+    t.is(await backend.currentKeyVersion(signal()), second.properties.version!);
     t.true(Buffer.from(await backend.unwrap(copy.wrapped, copy.keyVersion, context, signal())).equals(dataKey));
     t.log(`requests: ${requests.join(', ')}`);
   });

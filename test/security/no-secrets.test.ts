@@ -1,7 +1,7 @@
 /**
  * Secret scan: a representative workload at log level `trace` through a real plugin
  * on a unix socket (local key backends, plus the real Vault/OpenBao, AWS local-kms
- * and Azure stand-in servers when they run), covering Encrypt/Decrypt v2 and v1,
+ * and Azure lowkey-vault servers when they run), covering Encrypt/Decrypt v2 and v1,
  * tampered and hostile input, backend outages, an open breaker, admin Status and
  * Verify, /metrics and /readyz, and the CLI. Every log line, gRPC error (details,
  * message, metadata), admin JSON, HTTP body and CLI stderr is captured, then searched
