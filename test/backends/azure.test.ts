@@ -14,6 +14,7 @@ import test from 'ava';
 import { ManagedIdentityCredential } from '@azure/identity';
 import { KeyClient } from '@azure/keyvault-keys';
 import { AzureKeyVaultBackend, azureConfigSchema } from '../../src/backends/azure.ts';
+import { parseAzureCopy } from '../../src/backends/azure-copy.ts';
 import type { KeyBackend, WrapContext } from '../../src/backends/backend.ts';
 import { errorCodeOf } from '../../src/errors.ts';
 import { requireServer } from '../helpers/servers.ts';
@@ -124,6 +125,32 @@ if ('missing' in server) {
     }
   });
 
+  test(`${label}: an unsigned copy (written before signing) is refused by default, accepted with acceptUnsignedCopies`, async (t) => {
+    const strict = make();
+    const migrating = make({ acceptUnsignedCopies: true });
+    try {
+      const dataKey = randomBytes(32);
+      const ctx = context(strict);
+      const copy = await strict.wrap(dataKey, ctx, signal());
+      const parsed = parseAzureCopy(copy.wrapped);
+      if (parsed.layout !== 1) throw new Error('wrap must make a signed copy');
+      const unsigned = Buffer.from(parsed.wrapped); // exactly what the backend stored before signing
+      const refused = await t.throwsAsync(strict.unwrap(unsigned, copy.keyVersion, ctx, signal()));
+      t.is(errorCodeOf(refused), 'BACKEND_REJECTED');
+      t.regex(refused.message, /unsigned Azure copy refused/);
+      t.true(Buffer.from(await migrating.unwrap(unsigned, copy.keyVersion, ctx, signal())).equals(dataKey));
+      // During migration, an unsigned copy the vault cannot decrypt is still a rejection
+      // (lowkey-vault answers 500, Azure 400), not an outage, and the SDK does not retry it.
+      const started = performance.now();
+      const garbage = await t.throwsAsync(migrating.unwrap(randomBytes(512), copy.keyVersion, ctx, signal()));
+      t.is(errorCodeOf(garbage), 'BACKEND_REJECTED');
+      t.true(performance.now() - started < 2900, 'within the backend timeout: no SDK retry of the 500');
+    } finally {
+      await strict.close();
+      await migrating.close();
+    }
+  });
+
   test(`${label}: a disabled key version is a rejection, for wrap and unwrap`, async (t) => {
     const { name, version } = await freshKey('dis');
     const backend = make({ keyName: name });
@@ -203,6 +230,7 @@ test('azure config: only https vaults, no unknown fields, no inline secrets', (t
   t.is(parsed.keyRefreshIntervalMs, 300_000);
   t.deepEqual(parsed.credential, { method: 'default' });
   t.false(parsed.disableChallengeResourceVerification);
+  t.false(parsed.acceptUnsignedCopies, 'unsigned Azure copies are refused unless a migration says otherwise');
   t.false(azureConfigSchema.safeParse({ ...base, vaultUrl: 'http://v.vault.azure.net' }).success);
   t.false(azureConfigSchema.safeParse({ ...base, insecureSkipVerify: true }).success);
   t.false(azureConfigSchema.safeParse({ ...base, keyVersion: '../x' }).success);
