@@ -6,12 +6,15 @@
  * public key, so only RSA-OAEP-256 makes wrap a server call that checks the key's state
  * and the caller's permission on every wrap, as unwrap always does.
  *
- * RSA key wrap takes no associated data, so a wrapped copy is not bound to its envelope
- * by the server; the envelope's key commitment refuses a copy moved to another envelope.
+ * RSA key wrap takes no associated data and needs only the public key, so anyone could
+ * mint a copy. Each copy therefore also carries Key Vault's PS256 signature over its
+ * envelope, backend, key, version and wrapped bytes (azure-copy.ts), checked locally
+ * before unwrap: Encrypt costs wrapKey + sign, Decrypt one unwrapKey as before.
  *
  * With keyVersion "latest" the version is resolved at start and on every refresh
- * interval; each wrap records the version it used, and unwrap talks to that exact
- * version, so envelopes written before a rotation keep unwrapping.
+ * interval, and at once when a wrap finds it gone (404); each wrap records the version
+ * it used, and unwrap talks to that exact version, so envelopes written before a
+ * rotation keep unwrapping. Only versions the vault issued get a (bounded) cache entry.
  */
 import type { KeyObject } from 'node:crypto';
 import { Agent } from 'node:https';
