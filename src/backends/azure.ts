@@ -122,7 +122,7 @@ const MAX_CACHED_VERSIONS = 64;
 const MAX_LISTED_VERSIONS = 10_000;
 /** Most refused versions remembered, and for how long: a forged version costs nothing the second time. */
 const MAX_REFUSED_VERSIONS = 1024;
-const REFUSED_VERSION_TTL_MS = 60_000;
+const REFUSED_VERSION_TTL_MS = 10_000;
 /**
  * The listing of versions is re-read for an unknown version at most this often, so
  * envelopes naming thousands of invented versions cost one listing per interval, not
