@@ -17,7 +17,9 @@ import { ManagedIdentityCredential } from '@azure/identity';
 import { KeyClient } from '@azure/keyvault-keys';
 import { AzureKeyVaultBackend, azureConfigSchema } from '../../src/backends/azure.ts';
 import { encodeSignedCopy } from '../../src/backends/azure-copy.ts';
+import { newDataKey, newEnvelopeId, sealEnvelope } from '../../src/envelope/crypto.ts';
 import { errorCodeOf } from '../../src/errors.ts';
+import { makePlugin, tryDecrypt } from '../helpers/envelope-fixtures.ts';
 import { requireServer, requireVar } from '../helpers/servers.ts';
 
 const server = requireServer('lowkey-vault');
@@ -93,6 +95,41 @@ if ('missing' in server) {
     const before = requests.length;
     t.is(errorCodeOf(await backend.unwrap(forged(), version, context, signal()).catch((e: unknown) => e)), 'BACKEND_REJECTED');
     t.is(requests.length, before, 'a refused version is cached negatively');
+  });
+
+  test('azure (lowkey-vault): 300 envelopes naming invented versions through a real plugin leave the Azure breaker closed', async (t) => {
+    const { requests, policy } = recorder();
+    const backend = make(env.AZURE_KV_URL!, env.AZURE_KV_KEY_NAME!, policy);
+    const { plugin, close } = makePlugin([backend]);
+    t.teardown(close);
+    await plugin.start();
+    const genuine = await plugin.encrypt(randomBytes(32), 'v1', AbortSignal.timeout(10_000));
+    requests.length = 0;
+    const codes = new Map<string, number>();
+    for (let batch = 0; batch < 6; batch++) {
+      const outcomes = await Promise.all(
+        Array.from({ length: 50 }, () => {
+          const envelope = sealEnvelope({
+            dataKey: newDataKey(),
+            envelopeId: newEnvelopeId(),
+            quorum: 1,
+            configuredBackends: 1,
+            copies: [{ backendName: 'azure', keyVersion: randomBytes(16).toString('hex'), wrapped: encodeSignedCopy(randomBytes(512), randomBytes(512)), location: 'inline' }],
+            plaintext: randomBytes(32),
+          });
+          return tryDecrypt(plugin, envelope);
+        }),
+      );
+      for (const o of outcomes) codes.set(o.ok ? 'OK' : o.code, (codes.get(o.ok ? 'OK' : o.code) ?? 0) + 1);
+    }
+    t.log(`outcomes ${JSON.stringify([...codes])}, ${requests.length} vault requests`);
+    t.deepEqual([...codes.keys()], ['BACKEND_REJECTED'], 'each a rejected copy: never accepted, never an outage or a timeout');
+    const azure = plugin.describe().backends.find((b) => b.name === 'azure')!;
+    t.is(azure.breaker, 'closed', 'rejected copies never count against the breaker');
+    t.true(requests.length <= 10, `${requests.length} vault requests for 300 forged envelopes`);
+    // And the genuine envelope still decrypts.
+    const back = await tryDecrypt(plugin, genuine.ciphertext, genuine.annotations);
+    t.true(back.ok);
   });
 
   test('azure (lowkey-vault): a version rotated in by another instance is found through the listing', async (t) => {
