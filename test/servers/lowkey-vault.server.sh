@@ -36,6 +36,9 @@ cd "$(dirname "$0")/../.."
 : "${SERVERS_DIR:=$PWD/.servers}"
 export SERVERS_DIR
 mkdir -p "$SERVERS_DIR/env" "$SERVERS_DIR/logs" "$SERVERS_DIR/bin"
+# The physical folder: .servers may be a link shared by several checkouts, and the env
+# file's paths must outlive the checkout that started the server.
+SERVERS_DIR=$(cd "$SERVERS_DIR" && pwd -P)
 # shellcheck source=lib.sh
 source test/servers/lib.sh
 
