@@ -53,7 +53,7 @@ function serve(t: Parameters<typeof tempDir>[0], args: string[], boundMs: number
     },
     /** Restart the clock `exit` measures from (e.g. at the signal). */
     mark: () => (since = Date.now()),
-    exit: () => Promise.race([exited, new Promise<undefined>((resolve) => setTimeout(resolve, boundMs).unref())]),
+    exit: () => Promise.race([exited, new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), boundMs).unref())]),
   };
 }
 
