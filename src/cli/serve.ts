@@ -62,18 +62,23 @@ export async function startPlugin(
   plugin.addReadinessCheck(() => kms.socketProblem());
   let http: ObservabilityServer | undefined;
   let httpAddress: string | undefined;
+  const checkAbort = () => {
+    if (abort?.aborted) throw new StartAbandoned();
+  };
   try {
+    // Only the probes can take long (up to a backend's timeout): the start gives up on
+    // them at once. Binding and listening take milliseconds and are awaited, so that
+    // the clean-up below always knows what exists.
     await unlessAborted(plugin.start(), abort);
-    await unlessAborted(kms.start(), abort);
+    await kms.start();
+    checkAbort();
     if (config.http.listen) {
       http = new ObservabilityServer(metrics, plugin, logger, { maxConnections: config.connections.httpMaxConnections });
-      const bound = await unlessAborted(
-        http.listen(config.http.listen).catch((error: NodeJS.ErrnoException) => {
-          throw new TrousseauError('CONFIG', `cannot listen for HTTP on ${config.http.listen}: ${error.code ?? error.message}`, { cause: error });
-        }),
-        abort,
-      );
+      const bound = await http.listen(config.http.listen).catch((error: NodeJS.ErrnoException) => {
+        throw new TrousseauError('CONFIG', `cannot listen for HTTP on ${config.http.listen}: ${error.code ?? error.message}`, { cause: error });
+      });
       httpAddress = `${bound.address}:${bound.port}`;
+      checkAbort();
     }
   } catch (error) {
     // Undo in reverse order; each step is safe on a part that never started.
