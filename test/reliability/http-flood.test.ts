@@ -77,7 +77,7 @@ test('21,000 connections to the HTTP port from unprivileged users: Encrypt/Decry
     plugin.kill('SIGTERM');
     await exited;
   });
-  await eventually(() => canConnect(socketPath).then((ok) => ok || undefined), 30_000, 50);
+  await eventually(() => canConnect(socketPath).then((ok) => ok || undefined), 60_000, 50);
   const pid = plugin.pid!; // prlimit execs the command: same process
   const fds = () => readdirSync(`/proc/${pid}/fd`).length;
 
