@@ -41,7 +41,8 @@ export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = { maxConcurrentStream
  *   that hangs without closing its socket;
  * - a connection lives at most about an hour (grpc-js adds +/-10 % jitter), then gets
  *   a GOAWAY and 30 s for its calls to finish: any client reconnects transparently;
- * - nghttp2's own buffers for one connection are capped at 64 MiB.
+ * - Node's HTTP/2 session memory per connection is capped at 64 MiB (past it Node
+ *   refuses new streams on that connection); the apiserver's worst case is 32 MiB.
  */
 const RECEIVE_LIMITS = { receiveTimeoutMs: 2000, maxReceiving: 256 };
 const KEEPALIVE_TIME_MS = 60_000;
