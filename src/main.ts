@@ -67,7 +67,9 @@ program
       if (options.logLevel) config.log.level = options.logLevel as typeof config.log.level;
     }
     const logger = createLogger(config.log.level);
-    await serveUntilSignalled(config, baseDir, logger);
+    // Exit explicitly: after a failed start or a shutdown a backend SDK may still hold a
+    // handle open, and a plugin that stopped serving must not linger as a process.
+    process.exit(await serveUntilSignalled(config, baseDir, logger));
   });
 
 program

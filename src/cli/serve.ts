@@ -2,8 +2,14 @@
  * `trousseau serve`: start the plugin, the gRPC server and the HTTP endpoints, and
  * shut them down in order on SIGTERM/SIGINT: stop accepting, drain in-flight calls
  * within a bound, stop probes and breakers, remove the socket.
+ *
+ * Start-up fails closed: if any part cannot start (the HTTP port is taken, the socket
+ * folder is refused, ...) everything already started is stopped, the socket removed,
+ * and the process exits non-zero with the reason. A plugin that serves the socket
+ * without its probes would look healthy to nobody and be restarted by nobody.
  */
 import type { Config } from '../config/schema.ts';
+import { TrousseauError } from '../errors.ts';
 import { KmsServer } from '../kms/server.ts';
 import { ObservabilityServer } from '../observability/http.ts';
 import { createLogger, type Logger } from '../observability/logger.ts';
@@ -18,21 +24,66 @@ export interface RunningPlugin {
   stop(): Promise<void>;
 }
 
-export async function startPlugin(config: Config, baseDir: string, logger: Logger = createLogger(config.log.level)): Promise<RunningPlugin> {
+/** Start-up was abandoned because a signal asked the plugin to stop. */
+class StartAbandoned extends Error {}
+
+/** `promise`, or a rejection as soon as `signal` aborts (the promise itself runs on; it is cleaned up after). */
+function unlessAborted<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return promise;
+  if (signal.aborted) return Promise.reject(new StartAbandoned());
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(new StartAbandoned());
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
+}
+
+/**
+ * Start everything, or nothing: on any failure (or when `abort` fires first) what was
+ * started is stopped and the socket removed before the error is thrown. `onServer`
+ * receives the gRPC server as soon as it exists, so a caller can remove its socket in
+ * an emergency.
+ */
+export async function startPlugin(
+  config: Config,
+  baseDir: string,
+  logger: Logger = createLogger(config.log.level),
+  abort?: AbortSignal,
+  onServer: (kms: KmsServer) => void = () => undefined,
+): Promise<RunningPlugin> {
   const metrics = new Metrics({ processMetrics: true });
   const plugin = new Plugin({ config, baseDir, logger, metrics });
-  const kms = new KmsServer(plugin, { path: config.socket.path, mode: config.socket.mode, group: config.socket.group }, metrics, logger);
+  const kms = new KmsServer(plugin, { path: config.socket.path, mode: config.socket.mode, group: config.socket.group }, metrics, logger, {
+    maxConcurrentStreams: config.connections.maxConcurrentStreams,
+    idleTimeoutMs: config.connections.idleTimeoutMs,
+  });
+  onServer(kms);
+  // Not ready while the socket path leads somewhere else (moved aside, replaced).
+  plugin.addReadinessCheck(() => kms.socketProblem());
   let http: ObservabilityServer | undefined;
   let httpAddress: string | undefined;
+  const checkAbort = () => {
+    if (abort?.aborted) throw new StartAbandoned();
+  };
   try {
-    await plugin.start();
+    // Only the probes can take long (up to a backend's timeout): the start gives up on
+    // them at once. Binding and listening take milliseconds and are awaited, so that
+    // the clean-up below always knows what exists.
+    await unlessAborted(plugin.start(), abort);
     await kms.start();
+    checkAbort();
     if (config.http.listen) {
-      http = new ObservabilityServer(metrics, plugin, logger);
-      const bound = await http.listen(config.http.listen);
+      http = new ObservabilityServer(metrics, plugin, logger, { maxConnections: config.connections.httpMaxConnections });
+      const bound = await http.listen(config.http.listen).catch((error: NodeJS.ErrnoException) => {
+        throw new TrousseauError('CONFIG', `cannot listen for HTTP on ${config.http.listen}: ${error.code ?? error.message}`, { cause: error });
+      });
       httpAddress = `${bound.address}:${bound.port}`;
+      checkAbort();
     }
   } catch (error) {
+    // Undo in reverse order; each step is safe on a part that never started.
+    await kms.stop(0).catch(() => undefined);
+    await http?.close().catch(() => undefined);
     await plugin.close();
     throw error;
   }
@@ -48,37 +99,67 @@ export async function startPlugin(config: Config, baseDir: string, logger: Logge
   return { plugin, kms, http, httpAddress, stop };
 }
 
-/** Serve until a signal arrives; the process exits with 0 after a clean shutdown. */
-export async function serveUntilSignalled(config: Config, baseDir: string, logger: Logger): Promise<void> {
+/** Time past the drain deadline that closing the HTTP listener and the backends may take. */
+const CLOSE_GRACE_MS = 1000;
+
+/**
+ * Serve until a signal arrives. Resolves with the exit code: 0 after a clean shutdown
+ * (also when the signal came during start-up), 1 when start-up failed. Whatever
+ * happens, the process is out within the drain deadline (plus a second) of the
+ * first signal: past it, the socket is removed and the process exits.
+ */
+export async function serveUntilSignalled(config: Config, baseDir: string, logger: Logger): Promise<number> {
   // Last-resort handlers: log the error class and message (ours are safe; a stack of
   // our own code holds no secret) rather than let Node print a crash dump of objects.
   process.on('unhandledRejection', (reason) => {
     logger.error({ error: reason instanceof Error ? reason.name : typeof reason }, 'unhandled rejection (bug); continuing');
   });
-  // Signals are caught from the start: one that arrives while the plugin is still
-  // starting (the socket may already exist) must still lead to a clean shutdown that
-  // removes the socket, not to Node's default immediate exit.
-  let signalled: NodeJS.Signals | undefined;
-  let wake: () => void = () => undefined;
+  let kms: KmsServer | undefined;
+  const exitNow = (code: number, why: string) => {
+    logger.error({ code }, why);
+    kms?.removeSocketNow();
+    process.exit(code);
+  };
+  // Signals are caught from the very start: one that arrives while the plugin is
+  // starting abandons the start (what was started is stopped, the socket removed);
+  // one that arrives while serving starts the drain. Either way a watchdog ends the
+  // process if shutting down takes longer than the drain deadline; a second signal
+  // ends it at once.
+  const stopRequested = new AbortController();
   const onSignal = (signal: NodeJS.Signals) => {
+    if (stopRequested.signal.aborted) {
+      exitNow(1, `second ${signal}: exiting now`);
+      return;
+    }
     logger.info({ signal }, 'signal received');
-    signalled = signal;
-    process.off('SIGTERM', onSignal);
-    process.off('SIGINT', onSignal);
-    wake();
+    setTimeout(() => exitNow(1, 'shutdown did not finish within the drain deadline; exiting'), config.shutdown.drainTimeoutMs + CLOSE_GRACE_MS).unref();
+    stopRequested.abort();
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
 
-  const running = await startPlugin(config, baseDir, logger);
+  let running: RunningPlugin;
+  try {
+    running = await startPlugin(config, baseDir, logger, stopRequested.signal, (server) => (kms = server));
+  } catch (error) {
+    if (error instanceof StartAbandoned) {
+      logger.info('stopped during start-up');
+      return 0;
+    }
+    const message = error instanceof TrousseauError || error instanceof Error ? error.message : String(error);
+    logger.fatal({ code: error instanceof TrousseauError ? error.code : undefined }, `start-up failed, nothing left running: ${message}`);
+    return 1;
+  }
   process.once('uncaughtException', (error) => {
     logger.fatal({ error: error.name, message: error.message }, 'uncaught exception (bug); shutting down');
     void running.stop().finally(() => process.exit(1));
   });
-  if (!signalled) await new Promise<void>((resolve) => (wake = resolve));
+  if (!stopRequested.signal.aborted) await new Promise((resolve) => stopRequested.signal.addEventListener('abort', resolve, { once: true }));
   try {
     await running.stop();
+    return 0;
   } catch (error) {
     logger.error({ err: error }, 'shutdown failed');
+    return 1;
   }
 }

@@ -110,6 +110,18 @@ export const configSchema = z
       })
       .strict()
       .prefault({}),
+    /** Connection limits of the KMS socket and the HTTP listener (docs/security.md says why). */
+    connections: z
+      .object({
+        /** Calls open at once on one gRPC connection (default 128). */
+        maxConcurrentStreams: z.number().int().min(1).max(10000).default(128),
+        /** Close a gRPC connection with no call open for this long (default 300000). */
+        idleTimeoutMs: z.number().int().min(1000).max(86_400_000).default(300_000),
+        /** Most HTTP connections open at once (default 32; never more than 1/16 of the descriptor limit). */
+        httpMaxConnections: z.number().int().min(1).max(1024).default(32),
+      })
+      .strict()
+      .prefault({}),
     log: z
       .object({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info') })
       .strict()

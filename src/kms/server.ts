@@ -4,30 +4,85 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import type { Metrics } from '../observability/metrics.ts';
+import { receiveGuard } from './call-limits.ts';
 import type { KmsCore } from './core.ts';
 import { AdminService, V1Service, V2Service } from './proto.ts';
 import { adminHandlers, v1Handlers, v2Handlers, type HandlerContext } from './services.ts';
-import { bindPrivately, prepareSocketPath, removeSocket, type SocketSettings } from './socket.ts';
+import {
+  bindPrivately,
+  prepareSocketPath,
+  removeOwnSocket,
+  removeOwnSocketSync,
+  resolveGroup,
+  socketReplacedReason,
+  type SocketIdentity,
+  type SocketSettings,
+} from './socket.ts';
 
 /** Largest request accepted: the biggest envelope plus annotations, with room to spare. */
 const MAX_MESSAGE_BYTES = 256 * 1024;
 
+/** Connection limits a configuration may change (the `connections` block). */
+export interface ConnectionLimits {
+  /** Calls open at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS). */
+  maxConcurrentStreams: number;
+  /** A connection with no call open for this long is closed (the client reconnects when it needs to). */
+  idleTimeoutMs: number;
+}
+
+export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = { maxConcurrentStreams: 128, idleTimeoutMs: 300_000 };
+
+/**
+ * Fixed limits, each well clear of what the apiserver does (one long-lived connection,
+ * unary calls of a few KiB with a 3 s deadline, a Status call at least every minute):
+ * - a request has 2 s to arrive in full, and at most 256 may be arriving at once
+ *   (256 x 256 KiB = 64 MiB at worst), see call-limits.ts;
+ * - keepalive pings after 60 s without traffic, answered within 20 s, find a peer
+ *   that hangs without closing its socket;
+ * - a connection lives at most about an hour (grpc-js adds +/-10 % jitter), then gets
+ *   a GOAWAY and 30 s for its calls to finish: any client reconnects transparently;
+ * - Node's HTTP/2 session memory per connection is capped at 64 MiB (past it Node
+ *   refuses new streams on that connection); the apiserver's worst case is 32 MiB.
+ */
+const RECEIVE_LIMITS = { receiveTimeoutMs: 2000, maxReceiving: 256 };
+const KEEPALIVE_TIME_MS = 60_000;
+const KEEPALIVE_TIMEOUT_MS = 20_000;
+const MAX_CONNECTION_AGE_MS = 3_600_000;
+const MAX_CONNECTION_AGE_GRACE_MS = 30_000;
+const MAX_SESSION_MEMORY_MB = 64;
+/** How often the socket path is checked to still be our socket. */
+const SOCKET_CHECK_MS = 1000;
+
 export class KmsServer {
-  private readonly server = new grpc.Server({
-    'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
-    'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
-    // Channelz (gRPC's introspection service) is never exposed here, but grpc-js still
-    // tracks every call for it when enabled: off, the gRPC layer costs 2-18 % less
-    // CPU per call (four alternating runs, docs/performance.md).
-    'grpc.enable_channelz': 0,
-  });
+  private readonly server: grpc.Server;
   private readonly context: HandlerContext;
   private readonly socket: SocketSettings;
   private readonly logger: Logger;
+  private identity: SocketIdentity | undefined;
+  private watcher: NodeJS.Timeout | undefined;
+  private replacedReported = false;
 
-  constructor(core: KmsCore, socket: SocketSettings, metrics: Metrics, logger: Logger) {
+  constructor(core: KmsCore, socket: SocketSettings, metrics: Metrics, logger: Logger, limits: ConnectionLimits = DEFAULT_CONNECTION_LIMITS) {
     this.socket = socket;
     this.logger = logger;
+    this.server = new grpc.Server({
+      'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+      'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+      // Channelz (gRPC's introspection service) is never exposed here, but grpc-js still
+      // tracks every call for it when enabled: off, the gRPC layer costs 2-18 % less
+      // CPU per call (four alternating runs, docs/performance.md).
+      'grpc.enable_channelz': 0,
+      // Every option below is one grpc-js 1.14 reads in its Server constructor.
+      'grpc.max_concurrent_streams': limits.maxConcurrentStreams,
+      'grpc.max_connection_idle_ms': limits.idleTimeoutMs,
+      'grpc.keepalive_time_ms': KEEPALIVE_TIME_MS,
+      'grpc.keepalive_timeout_ms': KEEPALIVE_TIMEOUT_MS,
+      'grpc.max_connection_age_ms': MAX_CONNECTION_AGE_MS,
+      'grpc.max_connection_age_grace_ms': MAX_CONNECTION_AGE_GRACE_MS,
+      'grpc-node.max_session_memory': MAX_SESSION_MEMORY_MB,
+      // The receive guard must stay first: it resets the stream of the innermost call.
+      interceptors: [receiveGuard(RECEIVE_LIMITS, logger)],
+    });
     this.context = { core, metrics, logger, inFlight: new Set() };
     this.server.addService(V2Service.service, v2Handlers(this.context));
     this.server.addService(V1Service.service, v1Handlers(this.context));
@@ -35,17 +90,51 @@ export class KmsServer {
   }
 
   async start(): Promise<void> {
-    await prepareSocketPath(this.socket.path);
-    await bindPrivately(
-      this.socket,
-      () =>
-        new Promise<number>((resolve, reject) => {
-          this.server.bindAsync(`unix:${this.socket.path}`, grpc.ServerCredentials.createInsecure(), (error, port) =>
-            error ? reject(error) : resolve(port),
-          );
-        }),
-    );
+    // Everything that may read a file or wait happens before the bind: nothing runs
+    // between bind and lchown but the lchown.
+    const gid = this.socket.group === undefined ? undefined : await resolveGroup(this.socket.group);
+    const realPath = await prepareSocketPath(this.socket.path);
+    try {
+      const { identity } = await bindPrivately(
+        this.socket,
+        realPath,
+        gid,
+        (bindPath) =>
+          new Promise<number>((resolve, reject) => {
+            this.server.bindAsync(`unix:${bindPath}`, grpc.ServerCredentials.createInsecure(), (error, port) =>
+              error ? reject(error) : resolve(port),
+            );
+          }),
+      );
+      this.identity = identity;
+    } catch (error) {
+      // Nothing to unlink: bindPrivately removed its private name, and the real path was never ours.
+      this.server.forceShutdown();
+      throw error;
+    }
+    this.watcher = setInterval(() => this.socketProblem(), SOCKET_CHECK_MS);
+    this.watcher.unref();
     this.logger.info({ socket: this.socket.path, mode: this.socket.mode.toString(8) }, 'serving KMS v2 and v1beta1');
+  }
+
+  /**
+   * Why the socket path no longer leads to this server (short, no path: /readyz shows
+   * it), or undefined while it does. Checked every second and on every readiness
+   * question; the first time it fails, an error is logged.
+   */
+  socketProblem(): string | undefined {
+    if (!this.identity) return undefined;
+    const reason = socketReplacedReason(this.identity);
+    if (reason && !this.replacedReported) {
+      this.replacedReported = true;
+      this.logger.error({ socket: this.socket.path }, `${reason}: clients dialling it no longer reach this plugin; not ready`);
+    }
+    return reason;
+  }
+
+  /** Remove our socket at once, synchronously: for a process that must exit now. */
+  removeSocketNow(): void {
+    if (this.identity) removeOwnSocketSync(this.identity);
   }
 
   /**
@@ -76,7 +165,11 @@ export class KmsServer {
     }
     if (this.context.inFlight.size > 0) this.logger.warn({ inFlight: this.context.inFlight.size }, 'drain timed out; cancelling remaining calls');
     if (!closed) this.server.forceShutdown();
-    await removeSocket(this.socket.path);
+    if (this.watcher) clearInterval(this.watcher);
+    if (this.identity && !(await removeOwnSocket(this.identity))) {
+      this.logger.warn({ socket: this.socket.path }, 'the socket path is no longer our socket; left it in place');
+    }
+    this.identity = undefined;
   }
 
   get inFlight(): number {

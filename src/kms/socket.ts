@@ -1,9 +1,22 @@
 /**
- * Unix socket life cycle: create the parent folder, replace a stale socket left by a
- * crash (but never a live one, and never a file that is not a socket), and set the
- * permissions before any client can connect.
+ * Unix socket life cycle, written for a node where every other local user is hostile.
+ *
+ * - The socket's folder, and every folder on the way to it, must be one that only root
+ *   and the plugin's own user can change: otherwise whoever can write there can swap
+ *   the socket for a link (and have root chown or chmod the link's target) or for a
+ *   socket of their own (and receive the apiserver's plaintext). Such a folder is
+ *   refused with a clear message; missing folders are created one at a time, each
+ *   checked with lstat, never through a link.
+ * - The socket gets its mode from the umask at bind time, so it never exists with a
+ *   wider mode; the group (resolved before binding) is set with lchown, which never
+ *   follows a link; lstat then checks the result, and only then is the socket linked
+ *   into place. Its inode is recorded.
+ * - While serving, `SocketIdentity.check` tells whether the path still is that inode;
+ *   shutdown unlinks the path only when it still is.
  */
-import { chmod, chown, lstat, mkdir, readFile, unlink } from 'node:fs/promises';
+import { lstatSync, unlinkSync, type Stats } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { lchown, link, lstat, mkdir, readFile, readlink, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { TrousseauError } from '../errors.ts';
@@ -14,6 +27,101 @@ export interface SocketSettings {
   mode: number;
   /** Optional group (name or numeric gid) given access with mode 0o660. */
   group?: string | undefined;
+}
+
+/** The device and inode of the socket we bound: what "our socket" means later. */
+export interface SocketIdentity {
+  path: string;
+  dev: number;
+  ino: number;
+}
+
+/** Mode of folders the plugin creates on the way to the socket. */
+const CREATED_FOLDER_MODE = 0o750;
+/** Links followed while walking the socket's folder path, as the kernel's own limit. */
+const MAX_LINKS = 40;
+
+const ownUid = () => process.getuid?.() ?? 0;
+/** Root and the plugin's own user: the only owners whose folders we trust. */
+const trustedOwner = (uid: number) => uid === 0 || uid === ownUid();
+
+function refuse(message: string): never {
+  throw new TrousseauError('CONFIG', message);
+}
+
+/**
+ * Why a folder cannot hold the socket (or lead to it), or undefined when it can.
+ * A sticky world-writable folder such as /tmp may lead to it (others cannot rename or
+ * remove what they do not own there), but not hold it.
+ */
+function untrustedFolderReason(folder: string, info: Stats, holdsSocket: boolean): string | undefined {
+  if (!trustedOwner(info.uid)) return `${folder} is owned by uid ${info.uid}, not by root or the plugin's user`;
+  const othersCanWrite = (info.mode & 0o022) !== 0;
+  if (!othersCanWrite) return undefined;
+  const sticky = (info.mode & 0o1000) !== 0;
+  if (sticky && !holdsSocket) return undefined;
+  return sticky
+    ? `${folder} is writable by other users (sticky, like /tmp); the socket needs a folder only root and the plugin's user can write`
+    : `${folder} is writable by users other than root and the plugin's user (mode ${(info.mode & 0o7777).toString(8)})`;
+}
+
+/**
+ * Walk `folder` from the root, one component at a time, with lstat only: follow a
+ * link only when the folder holding it is trusted (and, in a sticky folder, only a
+ * link owned by root or us), create a missing folder with mkdir (which never follows
+ * a link), and refuse any folder someone else could change. Returns the real path.
+ */
+export async function prepareTrustedFolder(folder: string): Promise<string> {
+  const pending = path.resolve(folder).split('/').filter(Boolean);
+  let current = '/';
+  let currentInfo = await lstat(current);
+  let links = 0;
+  // Each folder we look into is checked before we trust what we find in it.
+  const check = (dir: string, info: Stats, holdsSocket: boolean) => {
+    const reason = untrustedFolderReason(dir, info, holdsSocket);
+    if (reason) refuse(`refusing the socket folder: ${reason}`);
+  };
+  check(current, currentInfo, false);
+  while (pending.length > 0) {
+    const name = pending.shift()!;
+    if (name === '.') continue;
+    if (name === '..') {
+      current = path.dirname(current);
+      currentInfo = await lstat(current);
+      continue;
+    }
+    const next = path.join(current, name);
+    let info = await lstat(next).catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') return undefined;
+      throw error;
+    });
+    if (info === undefined) {
+      await mkdir(next, { mode: CREATED_FOLDER_MODE }).catch((error: NodeJS.ErrnoException) => {
+        // Someone created it first: what is there now is checked below like anything else.
+        if (error.code !== 'EEXIST') throw error;
+      });
+      info = await lstat(next);
+    }
+    if (info.isSymbolicLink()) {
+      // In a sticky folder others may own entries; only a link root or we made is trusted.
+      if ((currentInfo.mode & 0o1000) !== 0 && !trustedOwner(info.uid)) refuse(`refusing the socket folder: ${next} is a link owned by uid ${info.uid}`);
+      if (++links > MAX_LINKS) refuse(`refusing the socket folder: too many links under ${folder}`);
+      const target = await readlink(next);
+      pending.unshift(...target.split('/').filter(Boolean));
+      if (path.isAbsolute(target)) {
+        current = '/';
+        currentInfo = await lstat(current);
+      }
+      continue;
+    }
+    if (!info.isDirectory()) refuse(`refusing the socket folder: ${next} is not a folder`);
+    check(next, info, false);
+    current = next;
+    currentInfo = info;
+  }
+  // The folder that holds the socket: a sticky world-writable one is not enough here.
+  check(current, currentInfo, true);
+  return current;
 }
 
 /** True when something accepts connections on the socket. */
@@ -30,52 +138,130 @@ function isServed(socketPath: string): Promise<boolean> {
   });
 }
 
-export async function prepareSocketPath(socketPath: string): Promise<void> {
-  await mkdir(path.dirname(socketPath), { recursive: true, mode: 0o750 });
+/**
+ * Make the socket path ready to bind: a trusted folder (created if missing) and no
+ * file at the path, a stale socket (left by a crash) removed. Returns the real path
+ * of the socket, with no link in it, to bind and check.
+ */
+export async function prepareSocketPath(socketPath: string): Promise<string> {
+  const folder = await prepareTrustedFolder(path.dirname(path.resolve(socketPath)));
+  const realPath = path.join(folder, path.basename(socketPath));
   let info;
   try {
-    info = await lstat(socketPath);
+    info = await lstat(realPath);
   } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return realPath;
     throw error;
   }
-  if (!info.isSocket()) {
-    throw new TrousseauError('CONFIG', `${socketPath} exists and is not a socket; refusing to replace it`);
-  }
-  if (await isServed(socketPath)) {
-    throw new TrousseauError('CONFIG', `another process is serving ${socketPath}; refusing to start a second plugin on it`);
-  }
-  await unlink(socketPath); // stale: left by a crash or a hard reboot
+  if (!info.isSocket()) refuse(`${socketPath} exists and is not a socket; refusing to replace it`);
+  if (await isServed(realPath)) refuse(`another process is serving ${socketPath}; refusing to start a second plugin on it`);
+  await unlink(realPath); // stale: left by a crash or a hard reboot; the folder is ours, so nobody can race us here
+  return realPath;
 }
 
-async function groupId(group: string): Promise<number> {
+/** The numeric gid of `group` (a name in /etc/group, or a number). Called before binding. */
+export async function resolveGroup(group: string): Promise<number> {
   if (/^\d+$/.test(group)) return Number(group);
   const lines = (await readFile('/etc/group', 'utf8')).split('\n');
   for (const line of lines) {
     const [name, , gid] = line.split(':');
-    if (name === group && gid !== undefined) return Number(gid);
+    if (name === group && gid !== undefined && /^\d+$/.test(gid)) return Number(gid);
   }
-  throw new TrousseauError('CONFIG', `socket group "${group}" does not exist`);
+  refuse(`socket group "${group}" does not exist`);
 }
 
-/** Run `bind` with a umask that keeps the socket private until its mode is set. */
-export async function bindPrivately<T>(settings: SocketSettings, bind: () => Promise<T>): Promise<T> {
-  const previous = process.umask(0o177);
+/** The umask under which bind() creates the socket with exactly `mode`. */
+const umaskFor = (mode: number) => ~mode & 0o777;
+
+/**
+ * Bind through `bind` so the socket is born with `settings.mode` (via the umask: it
+ * never exists with a wider mode), give it the group with lchown (never follows a
+ * link), check it with lstat, and only then put it in place.
+ *
+ * `bind` is given a fresh private name in the same folder; the finished socket is
+ * then hard-linked to the real path (which fails rather than replace anything that
+ * appeared there meanwhile) and the private name removed. Binding the real path
+ * directly would make libuv remember it and unlink it when the server closes, even
+ * when it has become another plugin's socket by then. `gid` must be resolved before:
+ * nothing slow runs between bind and lchown.
+ */
+export async function bindPrivately<T>(
+  settings: SocketSettings,
+  realPath: string,
+  gid: number | undefined,
+  bind: (bindPath: string) => Promise<T>,
+): Promise<{ result: T; identity: SocketIdentity }> {
+  const bindPath = path.join(path.dirname(realPath), `.${randomBytes(4).toString('hex')}`);
+  const previous = process.umask(umaskFor(settings.mode));
   let result: T;
   try {
-    result = await bind();
+    result = await bind(bindPath);
   } finally {
     process.umask(previous);
   }
-  if (settings.group !== undefined) await chown(settings.path, process.getuid?.() ?? 0, await groupId(settings.group));
-  await chmod(settings.path, settings.mode);
-  return result;
+  try {
+    const bound = await lstat(bindPath);
+    if (!bound.isSocket() || bound.uid !== ownUid()) refuse(`${settings.path} is not our socket right after bind`);
+    if (gid !== undefined) await lchown(bindPath, ownUid(), gid);
+    const info = await lstat(bindPath);
+    const problem =
+      info.dev !== bound.dev || info.ino !== bound.ino
+        ? 'was replaced while being set up'
+        : (info.mode & 0o777) !== settings.mode
+          ? `has mode ${(info.mode & 0o777).toString(8)} instead of ${settings.mode.toString(8)} after bind`
+          : gid !== undefined && info.gid !== gid
+            ? 'does not have the socket group after bind'
+            : undefined;
+    if (problem) refuse(`${settings.path} ${problem}`);
+    await link(bindPath, realPath).catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'EEXIST') refuse(`another process created ${settings.path} while this plugin was starting; refusing to replace it`);
+      throw error;
+    });
+    return { result, identity: { path: realPath, dev: info.dev, ino: info.ino } };
+  } finally {
+    await unlink(bindPath).catch(() => undefined);
+  }
 }
 
-export async function removeSocket(socketPath: string): Promise<void> {
+/**
+ * Why the socket path no longer is the socket we bound (moved, replaced, removed), or
+ * undefined while it is. Synchronous and cheap (one lstat): it runs on every poll and
+ * every readiness question.
+ */
+export function socketReplacedReason(identity: SocketIdentity): string | undefined {
+  let info;
   try {
-    await unlink(socketPath);
+    info = lstatSync(identity.path);
+  } catch {
+    return 'the socket path was removed';
+  }
+  if (info.dev !== identity.dev || info.ino !== identity.ino) return 'the socket path was replaced by another file';
+  return undefined;
+}
+
+/**
+ * Remove the socket if the path still is the inode we bound; leave anything else (a
+ * second plugin's socket, someone's file) alone. Returns whether it was removed.
+ */
+export async function removeOwnSocket(identity: SocketIdentity): Promise<boolean> {
+  if (socketReplacedReason(identity) !== undefined) return false;
+  // The folder is trusted (only root and we can change it), so the path cannot change between the check and the unlink.
+  try {
+    await unlink(identity.path);
+    return true;
   } catch (error) {
-    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw error;
+  }
+}
+
+/** Synchronous removeOwnSocket, for the last moments of a process that must exit now. */
+export function removeOwnSocketSync(identity: SocketIdentity): boolean {
+  if (socketReplacedReason(identity) !== undefined) return false;
+  try {
+    unlinkSync(identity.path);
+    return true;
+  } catch {
+    return false;
   }
 }

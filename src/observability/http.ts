@@ -6,10 +6,54 @@
  * Trousseau did that). /readyz is 200 while at least one backend can serve, with
  * per-backend detail as JSON.
  */
+import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import type { Metrics } from './metrics.ts';
+
+/**
+ * Connection limits of the HTTP listener. It is reachable by every local user (and,
+ * with hostNetwork, by the node's network), so it is the first thing to refuse: a
+ * flood of it must never take descriptors or time from the KMS socket or from
+ * backend calls. Probes and a scraper need a handful of connections.
+ */
+export interface HttpLimits {
+  /** Most connections open at once; also held to 1/16 of the process's descriptor limit. */
+  maxConnections: number;
+}
+
+export const DEFAULT_HTTP_LIMITS: HttpLimits = { maxConnections: 32 };
+
+/** Share of RLIMIT_NOFILE the HTTP listener may ever hold: the rest is for the socket and backends. */
+const FD_SHARE = 16;
+/** Whole request (headers and body) and headers alone must arrive within this. */
+const REQUEST_TIMEOUT_MS = 5000;
+/** A kept-alive connection with no request is closed after this. */
+const KEEP_ALIVE_TIMEOUT_MS = 5000;
+/** A connection on which nothing moves at all is destroyed after this. */
+const SOCKET_IDLE_MS = 10_000;
+/** How often Node checks the header and request timeouts (its default, 30 s, lets a slow client hold on 6x longer). */
+const TIMEOUT_CHECK_MS = 1000;
+const LOG_EVERY_MS = 10_000;
+
+/** The soft RLIMIT_NOFILE of this process, from /proc (Linux), or undefined. */
+export function openFileLimit(): number | undefined {
+  try {
+    const line = readFileSync('/proc/self/limits', 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('Max open files'));
+    const soft = line?.split(/\s{2,}/)[1];
+    return soft !== undefined && /^\d+$/.test(soft) ? Number(soft) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The HTTP connection cap: the configured one, held far below the descriptor limit. */
+export function httpConnectionCap(configured: number, fdLimit = openFileLimit()): number {
+  return fdLimit === undefined ? configured : Math.max(1, Math.min(configured, Math.floor(fdLimit / FD_SHARE)));
+}
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; reasons: string[] };
@@ -20,9 +64,16 @@ export class ObservabilityServer {
   private readonly server: http.Server;
   private readonly logger: Logger;
 
-  constructor(metrics: Metrics, readiness: ReadinessSource, logger: Logger) {
+  constructor(metrics: Metrics, readiness: ReadinessSource, logger: Logger, limits: HttpLimits = DEFAULT_HTTP_LIMITS) {
     this.logger = logger;
-    this.server = http.createServer((request, response) => {
+    const options: http.ServerOptions = {
+      connectionsCheckingInterval: TIMEOUT_CHECK_MS,
+      headersTimeout: REQUEST_TIMEOUT_MS,
+      requestTimeout: REQUEST_TIMEOUT_MS,
+      keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
+      maxHeaderSize: 8192,
+    };
+    this.server = http.createServer(options, (request, response) => {
       const url = (request.url ?? '/').split('?')[0];
       if (request.method !== 'GET' && request.method !== 'HEAD') {
         response.writeHead(405).end();
@@ -42,9 +93,25 @@ export class ObservabilityServer {
         response.writeHead(404).end();
       }
     });
-    this.server.keepAliveTimeout = 5000;
-    this.server.headersTimeout = 10000;
-    this.server.requestTimeout = 10000;
+    // Beyond the cap Node accepts and at once closes a connection ('drop'): it never
+    // holds a descriptor for longer than that, whatever the flood.
+    this.server.maxConnections = httpConnectionCap(limits.maxConnections);
+    this.server.setTimeout(SOCKET_IDLE_MS, (socket) => socket.destroy());
+    let dropped = 0;
+    let lastLogged = 0;
+    this.server.on('drop', () => {
+      dropped += 1;
+      const now = Date.now();
+      if (now - lastLogged < LOG_EVERY_MS) return;
+      this.logger.warn({ dropped, maxConnections: this.server.maxConnections }, 'HTTP connections refused: at the connection cap');
+      lastLogged = now;
+      dropped = 0;
+    });
+  }
+
+  /** The connection cap in force. */
+  get maxConnections(): number {
+    return this.server.maxConnections;
   }
 
   async listen(address: string): Promise<AddressInfo> {
@@ -59,7 +126,7 @@ export class ObservabilityServer {
       });
     });
     const bound = this.server.address() as AddressInfo;
-    this.logger.info({ address: `${bound.address}:${bound.port}` }, 'serving /metrics, /healthz, /readyz');
+    this.logger.info({ address: `${bound.address}:${bound.port}`, maxConnections: this.server.maxConnections }, 'serving /metrics, /healthz, /readyz');
     return bound;
   }
 

@@ -111,7 +111,7 @@ test.serial('done when: dev mode survives losing two of three key files, Decrypt
   t.deepEqual((await readdir(dir)).sort(), ['.keys-initialised', 'local-a.key']);
 });
 
-test.serial('SIGTERM while the plugin is still starting: it finishes starting, then shuts down cleanly (exit 0, no socket left)', async (t) => {
+test.serial('SIGTERM while the plugin is still starting: it abandons the start and shuts down cleanly (exit 0, no socket left)', async (t) => {
   const dir = await tempDir(t);
   const socketPath = path.join(dir, 'kms.sock');
   // The start-up probe blocks reading this FIFO (a key file) until its timeout, so the

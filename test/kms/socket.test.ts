@@ -4,7 +4,7 @@
  */
 import test from 'ava';
 import { spawn } from 'node:child_process';
-import { lstat, readFile, stat, writeFile } from 'node:fs/promises';
+import { lstat, readFile, readdir, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { startHarness, tempDir } from '../helpers/plugin-harness.ts';
@@ -68,9 +68,15 @@ test('a regular file at the socket path is refused and left untouched', async (t
   t.is(await readFile(socketPath, 'utf8'), 'precious data');
 });
 
-test('a missing parent folder is created', async (t) => {
+test('a missing parent folder is created (0750 at most), and only the socket is left in it', async (t) => {
   const dir = await tempDir(t);
   const socketPath = path.join(dir, 'run', 'sub', 'kms.sock');
   const h = await startHarness(t, { socketPath });
   t.is((await h.status()).healthz, 'ok');
+  // 0750 at most (the umask may take more away): no write for the group, nothing for others.
+  for (const folder of [path.join(dir, 'run'), path.join(dir, 'run', 'sub')]) t.is((await stat(folder)).mode & 0o027, 0, folder);
+  // The socket is bound under a private name and linked into place; the private name is gone.
+  t.deepEqual(await readdir(path.join(dir, 'run', 'sub')), ['kms.sock']);
+  await h.stop();
+  t.deepEqual(await readdir(path.join(dir, 'run', 'sub')), []);
 });

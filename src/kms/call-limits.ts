@@ -1,0 +1,101 @@
+/**
+ * A gRPC server interceptor that bounds what requests still being received can hold.
+ *
+ * grpc-js reads a request into memory as it arrives and only hands it to a handler
+ * once the client half-closes. A client that sends most of a large message and then
+ * stops (or never half-closes) pins that memory for as long as the stream lives,
+ * which without a client deadline is forever. This guard gives every call
+ * `receiveTimeoutMs` to arrive in full and lets at most `maxReceiving` calls be
+ * arriving at once; beyond either, the call gets a clear status and its HTTP/2 stream
+ * is reset, which frees what it had buffered. Calls that arrived in full are not
+ * counted: bounding work in progress is the handlers' job.
+ */
+import type { ServerHttp2Stream } from 'node:http2';
+import http2 from 'node:http2';
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+
+export interface ReceiveLimits {
+  /** Time a request has to arrive in full, from its headers to its half-close. */
+  receiveTimeoutMs: number;
+  /** Requests that may be arriving at once, over all connections. */
+  maxReceiving: number;
+}
+
+/** How often a refusal is logged at most, so a flood does not flood the log too. */
+const LOG_EVERY_MS = 10_000;
+
+export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.ServerInterceptor {
+  let receiving = 0;
+  let lastLogged = 0;
+  let refusedSinceLog = 0;
+  const noteRefusal = (why: string) => {
+    refusedSinceLog += 1;
+    const now = Date.now();
+    if (now - lastLogged < LOG_EVERY_MS) return;
+    logger.warn({ refused: refusedSinceLog, receiving }, `refused requests: ${why}`);
+    lastLogged = now;
+    refusedSinceLog = 0;
+  };
+
+  return (_method, call) => {
+    let timer: NodeJS.Timeout | undefined;
+    let counted = false;
+    const settle = () => {
+      if (timer) clearTimeout(timer);
+      timer = undefined;
+      if (counted) receiving -= 1;
+      counted = false;
+    };
+    const end = (code: grpc.status, details: string) => {
+      settle();
+      call.sendStatus({ code, details });
+      // The response is complete; reset the stream so the client stops sending and
+      // grpc-js lets go of what it buffered (RFC 9113 8.1 allows exactly this).
+      resetStream(call);
+    };
+    return new grpc.ServerInterceptingCall(call, {
+      start(next) {
+        if (receiving >= limits.maxReceiving) {
+          noteRefusal('too many requests being received at once');
+          end(grpc.status.RESOURCE_EXHAUSTED, 'too many requests are being received at once; retry later');
+          return; // the handler never starts
+        }
+        receiving += 1;
+        counted = true;
+        timer = setTimeout(() => {
+          noteRefusal('request not received in time');
+          end(grpc.status.DEADLINE_EXCEEDED, `request not received in full within ${limits.receiveTimeoutMs} ms`);
+        }, limits.receiveTimeoutMs);
+        next({
+          onReceiveHalfClose(nextHalfClose) {
+            settle();
+            nextHalfClose();
+          },
+          onCancel() {
+            settle();
+          },
+        });
+      },
+      sendStatus(status, nextStatus) {
+        settle();
+        nextStatus(status);
+      },
+    });
+  };
+}
+
+/**
+ * Reset the HTTP/2 stream under `call`. grpc-js gives interceptors no handle on it,
+ * so this reaches for the innermost call's `stream` field; if a grpc-js upgrade
+ * renames it, the status is still sent and the stream lives until the client or the
+ * connection limits end it (test/reliability/grpc-limits.test.ts measures the memory).
+ */
+function resetStream(call: grpc.ServerInterceptingCallInterface): void {
+  const stream = (call as unknown as { stream?: ServerHttp2Stream }).stream;
+  if (stream && typeof stream.close === 'function' && !stream.destroyed) {
+    setImmediate(() => {
+      if (!stream.destroyed) stream.close(http2.constants.NGHTTP2_NO_ERROR);
+    });
+  }
+}
