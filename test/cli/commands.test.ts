@@ -50,8 +50,10 @@ test('keygen creates a 0600 key file and refuses to overwrite it', async (t) => 
   t.regex(created.stdout, /created key version [0-9a-f]{16}/);
   t.is((await stat(file)).mode & 0o777, 0o600);
   const content = await readFile(file, 'utf8');
-  t.is(Buffer.from(content.trim(), 'base64').length, 32);
-  t.false(created.stdout.includes(content.trim()), 'keygen printed the key');
+  const [key, check] = content.trim().split(' ');
+  t.is(Buffer.from(key!, 'base64').length, 32);
+  t.regex(check!, /^[0-9a-f]{16}$/, 'the key is followed by its check value');
+  t.false(created.stdout.includes(key!), 'keygen printed the key');
 
   const again = await runCli(['keygen', file]);
   t.is(again.code, 1);
