@@ -149,7 +149,7 @@ class KeyFile {
     if (next.uncheckedLines.length > 0) {
       this.logger.warn(
         { backend: this.backendName, file: this.file, lines: next.uncheckedLines },
-        'key file lines have no check value, so a damaged key cannot be told from a new one; `trousseau keygen --rotate` rewrites the file with them',
+        'key file lines have no check value, so a damaged key cannot be told from a new one; `trousseau keygen --add-checks FILE` writes them',
       );
     }
     this.forget();
@@ -432,26 +432,39 @@ export async function generateKeyFile(file: string): Promise<string> {
 }
 
 /**
- * Rotate: put a new key first in an existing key file, keeping the older keys so the
- * envelopes they wrapped still unwrap, every line with its check value. Written to a
- * temporary file and renamed over the old one, so a crash leaves either the old file
- * or the new one, never half of one; the old file is read with the same checks as
- * the plugin's, so a damaged file is never rotated into a "valid" one.
+ * Rewrite an existing key file: `newKey` first when rotating, then every key it
+ * holds, each line with its check value. Written to a temporary file and renamed over
+ * the old one, so a crash leaves either the old file or the new one, never half of
+ * one; the old file is read with the same checks as the plugin's, so a damaged file
+ * is never rewritten into a "valid" one. Returns the current key's version.
  */
-export async function addKeyToFile(file: string): Promise<string> {
+async function rewriteKeyFile(file: string, newKey?: Buffer): Promise<string> {
   const existing = await loadKeyRing(file);
-  const key = randomBytes(KEY_BYTES);
   let temporary: string | undefined;
   try {
-    const lines = [key, ...existing.keys.map((k) => k.key)].map(keyFileLine);
-    temporary = await writeTemporary(file, lines);
+    const keys = [...(newKey ? [newKey] : []), ...existing.keys.map((k) => k.key)];
+    temporary = await writeTemporary(file, keys.map(keyFileLine));
     await rename(temporary, file);
     temporary = undefined;
     await syncFolder(path.dirname(file));
-    return localKeyVersion(key);
+    return localKeyVersion(keys[0]!);
   } finally {
-    key.fill(0);
     for (const k of existing.keys) k.key.fill(0);
     if (temporary) await unlink(temporary).catch(() => undefined);
   }
+}
+
+/** Rotate: put a new key first in an existing key file, keeping the older keys so the envelopes they wrapped still unwrap. */
+export async function addKeyToFile(file: string): Promise<string> {
+  const key = randomBytes(KEY_BYTES);
+  try {
+    return await rewriteKeyFile(file, key);
+  } finally {
+    key.fill(0);
+  }
+}
+
+/** Write the check value on every line of an older key file; the keys and their order stay the same. */
+export async function addCheckValues(file: string): Promise<string> {
+  return rewriteKeyFile(file);
 }

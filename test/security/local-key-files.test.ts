@@ -84,9 +84,15 @@ test('an older key file (no check values) still loads with a warning; a damaged 
 
   await flipKeyCharacter(file);
   await t.throwsAsync(backend.currentKeyVersion(), { message: /line 1 holds a new key without a check value/ });
-  // Restored, then a real rotation (keygen --rotate writes check values) is taken.
-  await writeFile(file, `${key.toString('base64')}\n`);
+  // Restored after --add-checks (same key, now with its check value): taken at once.
+  const restored = path.join(dir, 'restored.key');
+  await writeFile(restored, `${key.toString('base64')}\n`, { mode: 0o600 });
+  const checked = await run(process.execPath, [MAIN, 'keygen', '--add-checks', restored]);
+  t.is(checked.status, 0, checked.stderr);
+  t.deepEqual(await keyLines(restored), [`${key.toString('base64')} ${localKeyVersion(key)}`]);
+  await writeFile(file, await readFile(restored));
   t.is(await backend.currentKeyVersion(), localKeyVersion(key));
+  // Then a real rotation (keygen --rotate writes check values) is taken.
   const ok = await run(process.execPath, [MAIN, 'keygen', '--rotate', file]);
   t.is(ok.status, 0, ok.stderr);
   const newVersion = await backend.currentKeyVersion();
