@@ -5,7 +5,7 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Command, Option } from 'commander';
-import { addKeyToFile, generateKeyFile } from './backends/local.ts';
+import { addCheckValues, addKeyToFile, generateKeyFile } from './backends/local.ts';
 import { parseEnvelope } from './envelope/format.ts';
 import { isTrousseauError } from './errors.ts';
 import { call, clientsFor } from './cli/client.ts';
@@ -86,17 +86,20 @@ program
   .description('create a local AES-256 key file (mode 0600); --rotate adds a new current key to an existing file')
   .argument('<file>', 'key file to create')
   .option('--rotate', 'add a new current key to FILE, keeping the older keys for unwrapping')
-  .action(async (file: string, options: { rotate?: boolean }) => {
+  .option('--add-checks', 'write the check value on every line of an older FILE; the keys stay the same')
+  .action(async (file: string, options: { rotate?: boolean; addChecks?: boolean }) => {
+    if (options.rotate && options.addChecks) throw new Error('give at most one of --rotate and --add-checks');
     let version: string;
     try {
-      version = options.rotate ? await addKeyToFile(file) : await generateKeyFile(file);
+      version = options.rotate ? await addKeyToFile(file) : options.addChecks ? await addCheckValues(file) : await generateKeyFile(file);
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === 'EEXIST') {
         throw new Error(`${file} already exists; keygen never overwrites a key (use --rotate to add a new current key to it)`, { cause: error });
       }
       throw error;
     }
-    console.log(`${file}: ${options.rotate ? 'rotated to' : 'created'} key version ${version}`);
+    const done = options.rotate ? 'rotated to' : options.addChecks ? 'check values written; current' : 'created';
+    console.log(`${file}: ${done} key version ${version}`);
   });
 
 program

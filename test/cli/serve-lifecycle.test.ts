@@ -4,44 +4,46 @@
  * (lose two of three dev key files, keep reading, never recreate them).
  */
 import test from 'ava';
-import { execFileSync, spawn } from 'node:child_process';
-import { constants, lstat, open, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { lstat, readdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { status } from '@grpc/grpc-js';
-import { LocalKeyBackend, generateKeyFile } from '../../src/backends/local.ts';
+import { generateKeyFile } from '../../src/backends/local.ts';
 import { call, clientsFor } from '../../src/cli/client.ts';
 import { parseConfig } from '../../src/config/load.ts';
 import type * as T from '../../src/kms/types.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { Metrics } from '../../src/observability/metrics.ts';
 import { Plugin } from '../../src/plugin.ts';
+import { startGatedTransit } from '../helpers/gated-transit.ts';
 import { MAIN, eventually, grpcError, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
 
 test.serial('SIGTERM while a Decrypt is in flight: the call completes, the process exits 0, the socket is removed', async (t) => {
   const dir = await tempDir(t);
   const socketPath = path.join(dir, 'kms.sock');
-  // An envelope wrapped under an old key...
-  const oldKey = path.join(dir, 'old.key');
-  await generateKeyFile(oldKey);
-  const config = parseConfig({ quorum: 1, backends: [{ name: 'slow', type: 'local', keyFile: oldKey }] });
-  const writer = new Plugin({ config, baseDir: dir, logger: silentLogger(), metrics: new Metrics(), backends: [new LocalKeyBackend('slow', oldKey)] });
+  // The only backend is a transit server the test controls: it holds the Decrypt's
+  // unwrap until the test releases it, which keeps the call in flight for as long as
+  // the test needs, deterministically. (Key files cannot do this: they are read
+  // without blocking, and a FIFO is refused.)
+  const transit = await startGatedTransit('k');
+  t.teardown(() => transit.close());
+  await writeFile(path.join(dir, 'token'), 'test-token\n', { mode: 0o600 });
+  const backends = [{ name: 'slow', type: 'vault', address: transit.address, keyName: 'k', auth: { method: 'token', tokenFile: 'token' }, timeoutMs: 2900 }];
+  const config = parseConfig({ quorum: 1, backends });
+  const writer = new Plugin({ config, baseDir: dir, logger: silentLogger(), metrics: new Metrics() });
   await writer.start();
   const plaintext = Buffer.from('in flight across SIGTERM');
   const envelope = await writer.encrypt(plaintext, 'v2', new AbortController().signal);
   await writer.close();
-  // ...that the server can only unwrap through a FIFO listed in previousKeyFiles: its
-  // Decrypt blocks reading the FIFO until the test writes the old key into it, which
-  // keeps the call in flight for as long as the test needs, deterministically.
-  const fifo = path.join(dir, 'old.fifo');
-  execFileSync('mkfifo', ['-m', '600', fifo]);
-  await generateKeyFile(path.join(dir, 'current.key'));
   await writeFile(
     path.join(dir, 'config.yaml'),
     JSON.stringify({
       socket: { path: socketPath },
       quorum: 1,
-      backends: [{ name: 'slow', type: 'local', keyFile: 'current.key', previousKeyFiles: ['old.fifo'], timeoutMs: 2900 }],
+      backends,
       decrypt: { deadlineMs: 2900, hedging: { enabled: false } },
+      health: { probeIntervalMs: 3_600_000 },
+      escrow: { enabled: false },
       shutdown: { drainTimeoutMs: 5000 },
     }),
   );
@@ -49,20 +51,18 @@ test.serial('SIGTERM while a Decrypt is in flight: the call completes, the proce
   const clients = clientsFor(socketPath);
   t.teardown(() => clients.close());
 
+  const held = transit.hold();
   const decrypting = call<T.V2DecryptRequest, T.V2DecryptResponse>(
     clients.v2,
     'Decrypt',
     { ciphertext: envelope.ciphertext, uid: 'drain', key_id: envelope.keyId, annotations: Object.fromEntries(envelope.annotations) as Record<string, Buffer> },
     10_000,
   );
-  // Opening the FIFO without blocking succeeds only once the server is reading it: the Decrypt is in flight.
-  const handle = await eventually(() => open(fifo, constants.O_WRONLY | constants.O_NONBLOCK).catch(() => undefined), 5000, 10);
-  t.teardown(() => handle.close().catch(() => undefined));
+  await held; // the unwrap reached the server: the Decrypt is in flight
   serve.child.kill('SIGTERM');
   await eventually(() => (serve.stderr.includes('shutting down') ? true : undefined), 5000);
   t.regex(serve.stderr, /"inFlight":1[,}].*shutting down/);
-  await handle.write(await readFile(oldKey));
-  await handle.close();
+  transit.release();
 
   const response = await decrypting;
   t.deepEqual(response.plaintext, plaintext);
@@ -114,10 +114,13 @@ test.serial('done when: dev mode survives losing two of three key files, Decrypt
 test.serial('SIGTERM while the plugin is still starting: it abandons the start and shuts down cleanly (exit 0, no socket left)', async (t) => {
   const dir = await tempDir(t);
   const socketPath = path.join(dir, 'kms.sock');
-  // The start-up probe blocks reading this FIFO (a key file) until its timeout, so the
-  // plugin is provably mid-start when the signal arrives.
-  const fifo = path.join(dir, 'slow.key');
-  execFileSync('mkfifo', ['-m', '600', fifo]);
+  // The start-up probe of `slow` blocks in its unwrap at a transit server that holds
+  // it (until the probe's timeout), so the plugin is provably mid-start when the
+  // signal arrives.
+  const transit = await startGatedTransit('k');
+  t.teardown(() => transit.close());
+  const held = transit.hold();
+  await writeFile(path.join(dir, 'token'), 'test-token\n', { mode: 0o600 });
   await generateKeyFile(path.join(dir, 'a.key'));
   await writeFile(
     path.join(dir, 'config.yaml'),
@@ -126,7 +129,7 @@ test.serial('SIGTERM while the plugin is still starting: it abandons the start a
       quorum: 1,
       backends: [
         { name: 'a', type: 'local', keyFile: 'a.key' },
-        { name: 'slow', type: 'local', keyFile: 'slow.key', timeoutMs: 1500 },
+        { name: 'slow', type: 'vault', address: transit.address, keyName: 'k', auth: { method: 'token', tokenFile: 'token' }, timeoutMs: 1500 },
       ],
     }),
   );
@@ -135,9 +138,7 @@ test.serial('SIGTERM while the plugin is still starting: it abandons the start a
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
   t.teardown(() => child.kill('SIGKILL'));
-  // The FIFO has a reader once the probe is blocked on it: the plugin is starting.
-  const handle = await eventually(() => open(fifo, constants.O_WRONLY | constants.O_NONBLOCK).catch(() => undefined), 20_000, 20);
-  await handle.close();
+  await held; // the start-up probe is blocked: the plugin is starting
   child.kill('SIGTERM');
   const { code, signal } = await exited;
   t.is(signal, null, `killed by ${signal ?? ''} instead of shutting down:\n${stderr}`);

@@ -1,10 +1,14 @@
 /**
- * The pooled random source (src/envelope/random.ts) hands out data keys, envelope ids
- * and nonces. A bug there (zeroing before copying, handing out a region twice, an
- * off-by-one at the refill) would be catastrophic and silent, so: no repeats, the
- * right lengths across refills, and bytes that look uniformly random.
+ * The pooled random source (src/envelope/random.ts) hands out envelope ids and nonces
+ * (public values; data keys come straight from the CSPRNG, see
+ * test/security/data-key-source.test.ts). A bug there (zeroing before copying,
+ * handing out a region twice, an off-by-one at the refill) would repeat AES-GCM
+ * nonces or envelope ids, catastrophic and silent, so: no repeats, the right lengths
+ * across refills, and bytes that look uniformly random. The data key source gets the
+ * same uniformity check.
  */
 import test from 'ava';
+import { newDataKey } from '../../src/envelope/crypto.ts';
 import { pooledBytesLeft, pooledRandomBytes } from '../../src/envelope/random.ts';
 
 test('values have the requested length, across many pool refills, and never repeat', (t) => {
@@ -51,15 +55,25 @@ test('large and invalid sizes: direct from the CSPRNG, or refused', (t) => {
   t.throws(() => pooledRandomBytes(1.5), { instanceOf: RangeError });
 });
 
-test('bytes are uniform: chi-square over 1 MiB of 32-byte values is far from any bias', (t) => {
+function chiSquareOf(draw: () => Buffer): number {
   const counts = new Float64Array(256);
   const values = (1024 * 1024) / 32;
-  for (let i = 0; i < values; i++) for (const byte of pooledRandomBytes(32)) counts[byte]!++;
+  for (let i = 0; i < values; i++) for (const byte of draw()) counts[byte]!++;
   const expected = (values * 32) / 256;
   let chiSquare = 0;
   for (const count of counts) chiSquare += (count - expected) ** 2 / expected;
-  // 255 degrees of freedom: mean 255, sd ~22.6. 450 is beyond 8 sd (p < 1e-12); an
-  // all-zero or half-zeroed output gives millions.
-  t.true(chiSquare < 450, `chi-square ${chiSquare.toFixed(1)}`);
-  t.true(chiSquare > 100, `chi-square ${chiSquare.toFixed(1)} is too good to be random`);
-});
+  return chiSquare;
+}
+
+for (const [name, draw] of [
+  ['pooled values', () => pooledRandomBytes(32)],
+  ['data keys', () => newDataKey()],
+] as const) {
+  test(`${name} are uniform: chi-square over 1 MiB of 32-byte values is far from any bias`, (t) => {
+    const chiSquare = chiSquareOf(draw);
+    // 255 degrees of freedom: mean 255, sd ~22.6. 450 is beyond 8 sd (p < 1e-12); an
+    // all-zero or half-zeroed output gives millions.
+    t.true(chiSquare < 450, `chi-square ${chiSquare.toFixed(1)}`);
+    t.true(chiSquare > 100, `chi-square ${chiSquare.toFixed(1)} is too good to be random`);
+  });
+}
