@@ -161,16 +161,17 @@ export class Plugin implements KmsCore {
       const detail = this.backends.map((b) => `${b.name}: ${b.health().lastError ?? 'unavailable'}`).join(', ');
       throw new TrousseauError('NO_COPY_UNWRAPPED', `no key-management backend is reachable (${detail})`);
     }
-    const { quorum } = this.config;
-    const shortfall = () => {
-      const down = this.backends.filter((b) => !b.usable).map((b) => b.name);
-      return `below quorum: ${usable.length} of ${quorum} required backends usable (down: ${down.join(', ')})`;
-    };
     const state = this.keyIds.current();
     if (state === undefined) {
-      throw new TrousseauError('QUORUM_NOT_MET', `${shortfall()}; no key_id is announced until an Encrypt can succeed`);
+      throw new TrousseauError('QUORUM_NOT_MET', `${this.shortfall(usable.length)}; no key_id is announced until an Encrypt can succeed`);
     }
-    return { healthz: usable.length < quorum ? shortfall() : 'ok', keyId: state.keyId };
+    return { healthz: usable.length < this.config.quorum ? this.shortfall(usable.length) : 'ok', keyId: state.keyId };
+  }
+
+  /** "below quorum: 1 of 2 required backends usable (down: b, c, d)": the apiserver logs it; backend names are the operator's. */
+  private shortfall(usable: number): string {
+    const down = this.backends.filter((b) => !b.usable).map((b) => b.name);
+    return `below quorum: ${usable} of ${this.config.quorum} required backends usable (down: ${down.join(', ')})`;
   }
 
   async encrypt(plaintext: Buffer, transport: Transport, signal: AbortSignal, uid?: string): Promise<KmsEncrypted> {
