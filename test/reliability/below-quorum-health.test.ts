@@ -37,7 +37,7 @@ test.serial('one backend of four up, quorum 2: healthz names the shortfall, key_
   const below = await eventually(async () => {
     const s = await h.status();
     return s.healthz !== 'ok' && (await h.admin()).backends.filter((b) => b.probeOk === false).length === 3 ? s : undefined;
-  }, 3000);
+  }, 10_000);
   t.is(below.healthz, 'below quorum: 1 of 2 required backends usable (down: b, c, d)');
   // Frozen at the last key_id above quorum (partial if one backend failed first).
   for (let i = 0; i < 5; i++) {
@@ -52,18 +52,18 @@ test.serial('one backend of four up, quorum 2: healthz names the shortfall, key_
   t.false(admin.healthy);
   t.deepEqual(admin.missing, ['b', 'c', 'd'], 'the list of missing backends is incomplete');
 
-  const table = await runCli(['status', '--socket', h.socketPath]);
+  const table = await runCli(['status', '--socket', h.socketPath], { timeoutMs: 60_000 });
   t.is(table.code, 2, table.stdout + table.stderr);
   t.regex(table.stdout, /serving: NO: below quorum: 1 of 2 required backends usable/);
   t.regex(table.stdout, /missing: b, c, d/);
-  const json = await runCli(['status', '--json', '--socket', h.socketPath]);
+  const json = await runCli(['status', '--json', '--socket', h.socketPath], { timeoutMs: 60_000 });
   t.is(json.code, 2);
   t.false((JSON.parse(json.stdout) as { healthy: boolean }).healthy);
 
   // Back to quorum: healthy again, exit 0.
   h.fault('b').setMode(ok);
-  await eventually(async () => ((await h.status()).healthz === 'ok' ? true : undefined), 3000);
-  t.is((await runCli(['status', '--socket', h.socketPath])).code, 0);
+  await eventually(async () => ((await h.status()).healthz === 'ok' ? true : undefined), 10_000);
+  t.is((await runCli(['status', '--socket', h.socketPath], { timeoutMs: 60_000 })).code, 0);
   t.is((await readyz(t, h.plugin, h.metrics)).code, 200);
 });
 
@@ -86,7 +86,7 @@ test.serial('restarted below quorum: no key_id is announced (a gRPC error, no ne
   }
   t.false('keyId' in (await h.admin()), 'the admin status names a key_id');
   t.is((await readyz(t, h.plugin, h.metrics)).code, 503);
-  t.is((await runCli(['status', '--socket', h.socketPath])).code, 2);
+  t.is((await runCli(['status', '--socket', h.socketPath], { timeoutMs: 60_000 })).code, 2);
   t.deepEqual(await h.decrypt(encrypted), Buffer.from('written before the restart'));
 
   for (const name of ['b', 'c', 'd']) h.fault(name).setMode(ok);
@@ -95,7 +95,7 @@ test.serial('restarted below quorum: no key_id is announced (a gRPC error, no ne
     const s = await h.status().catch((e: unknown) => e);
     last = s;
     return (s as { healthz?: string }).healthz === 'ok' && (s as { key_id?: string }).key_id === before.key_id ? s : undefined;
-  }, 3000).catch(() => last);
+  }, 10_000).catch(() => last);
   t.deepEqual(back, { ...before });
 });
 
@@ -107,7 +107,7 @@ test.serial('started below quorum, then quorum becomes usable: the first key_id 
   });
   t.is((await grpcError(t, h.status())).code, grpcStatus.UNAVAILABLE);
   h.fault('b').setMode(ok);
-  const announced = await eventually(async () => h.status().catch(() => undefined), 3000);
+  const announced = await eventually(async () => h.status().catch(() => undefined), 10_000);
   t.is(announced.healthz, 'ok');
   t.regex(announced.key_id, /-partial$/);
   const encrypted = await h.encrypt(Buffer.from('x'));
