@@ -113,20 +113,21 @@ const socketOption = () => new Option('-s, --socket <path>', 'plugin socket').de
 
 program
   .command('status')
-  .description('ask a running plugin for its key_id and each backend\'s health')
+  .description('ask a running plugin for its key_id and each backend\'s health; exits 2 when it is not ready (below quorum, no backend)')
   .addOption(socketOption())
   .option('--json', 'print JSON')
   .option('--watch [seconds]', 'refresh every N seconds (default 2)')
   .action(async (options: { socket: string; json?: boolean; watch?: string | boolean }) => {
     const clients = clientsFor(options.socket);
     try {
-      const show = async () => {
-        const response = await call<object, T.AdminStatusResponse>(clients.admin, 'Status', {});
-        const status = JSON.parse(response.status_json) as StatusDocument;
-        return options.json ? JSON.stringify(status, null, 2) : renderStatus(status);
-      };
+      const fetchStatus = async () => JSON.parse((await call<object, T.AdminStatusResponse>(clients.admin, 'Status', {})).status_json) as StatusDocument;
+      const format = (status: StatusDocument) => (options.json ? JSON.stringify(status, null, 2) : renderStatus(status));
+      const show = async () => format(await fetchStatus());
       if (!options.watch) {
-        console.log(await show());
+        const status = await fetchStatus();
+        console.log(format(status));
+        // Scripts and operators check this before touching an apiserver (docs/kubernetes.md).
+        if (!status.healthy) process.exitCode = 2;
         return;
       }
       const seconds = typeof options.watch === 'string' ? Number(options.watch) : 2;

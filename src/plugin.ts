@@ -12,6 +12,7 @@ import { EscrowVerifier, type EscrowReport } from './engine/escrow-verifier.ts';
 import { GuardedBackend } from './engine/guarded-backend.ts';
 import { HealthProber } from './engine/health-probe.ts';
 import { KeyIdTracker } from './engine/key-id.ts';
+import { RejectedCopyTracker } from './engine/rejected-copies.ts';
 import { WrapEngine } from './engine/wrap-engine.ts';
 import { TrousseauError, errorCodeOf } from './errors.ts';
 import type { Transport } from './envelope/placement.ts';
@@ -66,6 +67,7 @@ export class Plugin implements KmsCore {
   readonly prober: HealthProber;
   readonly escrow: EscrowVerifier;
   private readonly keyIds: KeyIdTracker;
+  private readonly rejectedCopies: RejectedCopyTracker;
   private readonly config: Config;
   private readonly logger: Logger;
   private readonly metrics: Metrics;
@@ -101,6 +103,8 @@ export class Plugin implements KmsCore {
       logger,
     );
     this.keyIds = new KeyIdTracker(this.backends, config.quorum, config.health.recoverAfterMs, metrics, logger);
+    this.rejectedCopies = new RejectedCopyTracker(logger);
+    this.engine.onRejectedCopy = (backend, reason) => this.rejectedCopies.record(backend, reason);
     this.prober = new HealthProber(
       this.backends,
       { intervalMs: config.health.probeIntervalMs, minBackoffMs: config.health.minBackoffMs, maxBackoffMs: config.health.maxBackoffMs },
@@ -130,7 +134,7 @@ export class Plugin implements KmsCore {
     const down = results.filter((r) => !r.ok).map((r) => `${r.backend} (${errorCodeOf(r.error)})`);
     this.logger.info({ up, down, quorum: this.config.quorum }, down.length ? 'started with backends unavailable' : 'all backends healthy');
     this.started = true;
-    this.keyIds.current();
+    if (!this.keyIds.current()) this.logger.warn({ up, quorum: this.config.quorum }, 'below quorum: no key_id announced until an Encrypt can succeed');
     this.prober.start();
     this.escrow.start();
   }
@@ -140,6 +144,16 @@ export class Plugin implements KmsCore {
     return this.escrow.verify({ signal, renewReference });
   }
 
+  /**
+   * KMS v2 Status (docs/design/key-id-and-health.md, "Health"):
+   * - no backend usable: a gRPC error, so the apiserver stops its rotation logic;
+   * - below quorum since this process started: a gRPC error too, because there is no
+   *   key_id yet that the apiserver could keep (see key-id.ts);
+   * - below quorum: healthz names the shortfall, with the frozen key_id. The apiserver
+   *   reports the plugin unhealthy but, the key_id being its current one, keeps writing
+   *   with its current DEK instead of calling an Encrypt that would fail;
+   * - otherwise healthz "ok".
+   */
   status(): KmsStatus {
     const usable = this.backends.filter((b) => b.usable);
     if (usable.length === 0) {
@@ -147,7 +161,17 @@ export class Plugin implements KmsCore {
       const detail = this.backends.map((b) => `${b.name}: ${b.health().lastError ?? 'unavailable'}`).join(', ');
       throw new TrousseauError('NO_COPY_UNWRAPPED', `no key-management backend is reachable (${detail})`);
     }
-    return { healthz: 'ok', keyId: this.keyIds.current().keyId };
+    const state = this.keyIds.current();
+    if (state === undefined) {
+      throw new TrousseauError('QUORUM_NOT_MET', `${this.shortfall(usable.length)}; no key_id is announced until an Encrypt can succeed`);
+    }
+    return { healthz: usable.length < this.config.quorum ? this.shortfall(usable.length) : 'ok', keyId: state.keyId };
+  }
+
+  /** "below quorum: 1 of 2 required backends usable (down: b, c, d)": the apiserver logs it; backend names are the operator's. */
+  private shortfall(usable: number): string {
+    const down = this.backends.filter((b) => !b.usable).map((b) => b.name);
+    return `below quorum: ${usable} of ${this.config.quorum} required backends usable (down: ${down.join(', ')})`;
   }
 
   async encrypt(plaintext: Buffer, transport: Transport, signal: AbortSignal, uid?: string): Promise<KmsEncrypted> {
@@ -175,7 +199,9 @@ export class Plugin implements KmsCore {
   /** Ready or not, with the reasons why not. */
   readiness(): Readiness {
     const reasons: string[] = [];
-    if (!this.backends.some((b) => b.usable)) reasons.push('no key-management backend is reachable');
+    const usable = this.backends.filter((b) => b.usable).length;
+    if (usable === 0) reasons.push('no key-management backend is reachable');
+    else if (usable < this.config.quorum) reasons.push(`below quorum: ${usable} of ${this.config.quorum} required backends usable; Encrypt fails`);
     for (const check of this.readinessChecks) {
       const reason = check();
       if (reason !== undefined) reasons.push(reason);
@@ -187,15 +213,22 @@ export class Plugin implements KmsCore {
     return this.readiness().ready;
   }
 
+  /** The full status for `trousseau status` (the admin socket only: it names keys and error classes). */
   describe() {
     const keyId = this.keyIds.current();
+    const { ready, reasons } = this.readiness();
     return {
-      keyId: keyId.keyId,
-      partial: keyId.partial,
-      missing: keyId.missing,
+      /** Undefined while none is announced (below quorum since start). */
+      keyId: keyId?.keyId,
+      partial: keyId?.partial ?? false,
+      /** Every backend whose copy new envelopes may lack now (never frozen). */
+      missing: this.keyIds.lacking(),
       quorum: this.config.quorum,
-      healthy: this.ready,
+      usable: this.backends.filter((b) => b.usable).length,
+      healthy: ready,
+      reasons,
       backends: this.backends.map((b) => b.health()),
+      rejectedCopies: this.rejectedCopies.report(),
       escrow: this.escrow.report(),
     };
   }

@@ -4,8 +4,13 @@
  * Wraps data keys with `transit/encrypt/<key>` (AES-256-GCM keys; the envelope context
  * goes in as `associated_data`, so a copy moved to another envelope fails to decrypt
  * at the server) and unwraps them with `transit/decrypt/<key>`. The key version is
- * transit's `latest_version`, read from `transit/keys/<key>`, so rotating the transit
- * key changes key_id while older copies still unwrap.
+ * transit's `latest_version` and that version's creation time, both read from
+ * `transit/keys/<key>`: "3@1733076000". The version number alone would name the key
+ * material of a transit key that was deleted and re-created under the same name with
+ * the same key_id as the old one; its creation time tells them apart (to the second,
+ * which is all the API exposes). Rotating the transit key changes key_id while older
+ * copies still unwrap. Envelopes written before the creation time was recorded carry
+ * the bare number ("3") and unwrap as before.
  *
  * Authentication: a token file (re-read when it changes, e.g. written by Vault Agent),
  * AppRole, Kubernetes or JWT login. Tokens are renewed before they expire and, when the
@@ -43,6 +48,8 @@ const RENEW_RETRY_MS = 5000;
 /** Renew (or log in again) when this fraction of the token's TTL has passed. */
 const RENEW_AT_FRACTION = 2 / 3;
 const CIPHERTEXT_PATTERN = /^vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/]+={0,2}$/;
+/** A recorded key version: "<transit version>@<its creation time, unix seconds>", or the bare number of older envelopes. */
+const KEY_VERSION_PATTERN = /^([1-9][0-9]{0,9})(?:@([0-9]{1,12}))?$/;
 
 const relativePath = z.string().min(1);
 const pathSegments = z
@@ -189,7 +196,8 @@ export class VaultBackend implements KeyBackend {
   private lastLoginFailure: { at: number; error: TrousseauError } | undefined;
   private lastFileRead: number | undefined;
   private timer: NodeJS.Timeout | undefined;
-  private version: { value: number; at: number } | undefined;
+  /** The key's latest version and every version's creation time (unix seconds), as last read. */
+  private keyInfo: { latest: number; created: ReadonlyMap<number, number>; at: number } | undefined;
   /** When `token` expires (ms since the epoch); `at` undefined: it never does (root-like) or is not known. */
   private expiry: { token: string; at: number | undefined } | undefined;
   private closed = false;
@@ -213,17 +221,42 @@ export class VaultBackend implements KeyBackend {
   }
 
   async currentKeyVersion(signal: AbortSignal): Promise<string> {
-    const cached = this.version;
-    if (cached && Date.now() - cached.at < this.config.keyVersionRefreshMs) return String(cached.value);
+    const cached = this.keyInfo;
+    const info = cached && Date.now() - cached.at < this.config.keyVersionRefreshMs ? cached : await this.readKey(signal);
+    return this.recordedVersion(info, info.latest);
+  }
+
+  /** Read the transit key: its latest version and the creation time of each version. */
+  private async readKey(signal: AbortSignal): Promise<NonNullable<VaultBackend['keyInfo']>> {
     const body = await this.call<unknown>('read key', signal, (token) =>
       this.client.read(`${this.config.transitMount}/keys/${this.config.keyName}`, this.requestOptions(token, signal)),
     );
-    const latest = (body as { data?: { latest_version?: unknown } } | undefined)?.data?.latest_version;
+    const data = (body as { data?: { latest_version?: unknown; keys?: unknown } } | undefined)?.data;
+    const latest = data?.latest_version;
     if (typeof latest !== 'number' || !Number.isSafeInteger(latest) || latest < 1) {
       throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: key read returned no latest_version`);
     }
-    this.version = { value: latest, at: Date.now() };
-    return String(latest);
+    const created = new Map<number, number>();
+    const keys = data?.keys;
+    if (keys !== null && typeof keys === 'object') {
+      for (const [version, value] of Object.entries(keys as Record<string, unknown>)) {
+        const seconds = creationSeconds(value);
+        if (/^[1-9][0-9]{0,9}$/.test(version) && seconds !== undefined) created.set(Number(version), seconds);
+      }
+    }
+    if (!created.has(latest)) {
+      throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: key read returned no creation time for version ${latest}`);
+    }
+    const info = { latest, created, at: Date.now() };
+    this.keyInfo = info;
+    return info;
+  }
+
+  /** "3@1733076000": the version and its creation time, which tell a re-created key from the old one. */
+  private recordedVersion(info: NonNullable<VaultBackend['keyInfo']>, version: number): string {
+    const created = info.created.get(version);
+    if (created === undefined) throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: no creation time known for key version ${version}`);
+    return `${version}@${created}`;
   }
 
   async wrap(dataKey: Uint8Array, context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
@@ -240,18 +273,22 @@ export class VaultBackend implements KeyBackend {
       throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: encrypt returned no transit ciphertext`);
     }
     const version = Number(match[1]);
-    // A wrap made with a newer version than the cached one means the key rotated:
-    // report it at once rather than after the cache expires.
-    if (!this.version || version > this.version.value) this.version = { value: version, at: Date.now() };
-    return { wrapped: Buffer.from(ciphertext, 'utf8'), keyVersion: String(version) };
+    // A wrap made with a version the cache does not know means the key rotated (or was
+    // re-created): read it again so the copy records that version's creation time.
+    let info = this.keyInfo;
+    if (!info?.created.has(version)) info = await this.readKey(signal);
+    return { wrapped: Buffer.from(ciphertext, 'utf8'), keyVersion: this.recordedVersion(info, version) };
   }
 
   async unwrap(wrapped: Uint8Array, keyVersion: string, context: WrapContext, signal: AbortSignal): Promise<Uint8Array> {
     const ciphertext = Buffer.from(wrapped).toString('latin1');
     const match = wrapped.length <= MAX_CIPHERTEXT_CHARS ? CIPHERTEXT_PATTERN.exec(ciphertext) : null;
     if (!match) throw new TrousseauError('BACKEND_REJECTED', `vault backend ${this.name}: wrapped key is not a transit ciphertext`);
-    if (match[1] !== keyVersion) {
-      throw new TrousseauError('BACKEND_REJECTED', `vault backend ${this.name}: wrapped key was made by key version ${match[1]}, not ${keyVersion}`);
+    // The creation time is not checked here: only the server knows whether it still
+    // holds that key material, and a cached key read may be older than the envelope.
+    const recorded = KEY_VERSION_PATTERN.exec(keyVersion);
+    if (recorded?.[1] !== match[1]) {
+      throw new TrousseauError('BACKEND_REJECTED', `vault backend ${this.name}: wrapped key was made by key version ${match[1]}, not the recorded one`);
     }
     const body = await this.call<unknown>('decrypt', signal, (token) =>
       this.client.write(
@@ -624,6 +661,17 @@ interface LoginAuth {
   client_token?: unknown;
   lease_duration?: number;
   renewable?: boolean;
+}
+
+/**
+ * A version's creation time in unix seconds, as transit reports it: a number for
+ * symmetric keys, an object with an RFC 3339 `creation_time` for asymmetric ones.
+ */
+function creationSeconds(value: unknown): number | undefined {
+  if (typeof value === 'number') return Number.isSafeInteger(value) && value >= 0 ? value : undefined;
+  const text = (value as { creation_time?: unknown } | null)?.creation_time;
+  const ms = typeof text === 'string' ? Date.parse(text) : NaN;
+  return Number.isFinite(ms) && ms >= 0 ? Math.floor(ms / 1000) : undefined;
 }
 
 function statusOf(error: unknown): number | undefined {

@@ -1,14 +1,24 @@
 /** Renders the admin status as a terminal table. */
 import type { BackendEscrow, EscrowReport } from '../engine/escrow-verifier.ts';
 import type { BackendHealth } from '../engine/guarded-backend.ts';
+import type { RejectedCopies } from '../engine/rejected-copies.ts';
 
 export interface StatusDocument {
-  keyId: string;
+  /** Absent while no key_id is announced (below quorum since the plugin started). */
+  keyId?: string;
   partial: boolean;
+  /** Backends whose copies new envelopes may lack. */
   missing: string[];
   quorum: number;
+  /** Backends usable now (absent from plugins that predate it). */
+  usable?: number;
+  /** Ready to serve: quorum usable (older plugins: at least one backend usable). */
   healthy: boolean;
+  /** Why not ready (absent from plugins that predate it). */
+  reasons?: string[];
   backends: BackendHealth[];
+  /** Copies each backend refused while another copy opened the envelope. */
+  rejectedCopies?: RejectedCopies[];
   /** Escrow verification (absent from plugins that predate it). */
   escrow?: EscrowReport;
 }
@@ -38,15 +48,28 @@ function escrowLine(escrow: EscrowReport | undefined, now: number): string {
   return failing.length === 0 ? `every backend alone decrypts (${when})` : `FAILING: ${failing.join(', ')} cannot decrypt alone (${when})`;
 }
 
+/** "3 BACKEND_REJECTED 2m ago" / "-": copies this backend could no longer open. */
+function rejectedCell(rejected: RejectedCopies | undefined, now: number): string {
+  return rejected ? `${rejected.count} ${rejected.lastReason} ${ago(rejected.lastAt, now)}` : '-';
+}
+
+function servingLine(status: StatusDocument): string {
+  if (status.healthy) return 'yes';
+  return status.reasons?.length ? `NO: ${status.reasons.join('; ')}` : 'NO BACKEND REACHABLE';
+}
+
 export function renderStatus(status: StatusDocument, now = Date.now()): string {
+  const usable = status.usable === undefined ? '' : `    usable: ${status.usable}`;
   const lines = [
-    `key_id:  ${status.keyId}${status.partial ? `  (partial: new envelopes lack ${status.missing.join(', ')})` : ''}`,
-    `quorum:  ${status.quorum} of ${status.backends.length}    serving: ${status.healthy ? 'yes' : 'NO BACKEND REACHABLE'}`,
+    `key_id:  ${status.keyId ?? 'none announced yet (below quorum since start)'}${status.partial ? '  (partial)' : ''}`,
+    `quorum:  ${status.quorum} of ${status.backends.length}${usable}    serving: ${servingLine(status)}`,
+    ...(status.missing.length > 0 ? [`missing: ${status.missing.join(', ')} (new envelopes lack their copies)`] : []),
     `escrow:  ${escrowLine(status.escrow, now)}`,
     '',
   ];
-  const header = ['BACKEND', 'TYPE', 'PRIO', 'HEALTH', 'BREAKER', 'P50', 'P99', 'KEY VERSION', 'LAST ERROR', 'ALONE DECRYPTS'];
+  const header = ['BACKEND', 'TYPE', 'PRIO', 'HEALTH', 'BREAKER', 'P50', 'P99', 'KEY VERSION', 'LAST ERROR', 'REJECTED COPIES', 'ALONE DECRYPTS'];
   const escrow = new Map((status.escrow?.backends ?? []).map((e) => [e.backend, e]));
+  const rejected = new Map((status.rejectedCopies ?? []).map((r) => [r.backend, r]));
   const rows = status.backends.map((b) => [
     b.name,
     b.kind,
@@ -57,6 +80,7 @@ export function renderStatus(status: StatusDocument, now = Date.now()): string {
     ms(b.latencyMs.p99),
     b.keyVersion ?? '-',
     b.lastError ? `${b.lastError} ${ago(b.lastErrorAt, now)}` : '-',
+    rejectedCell(rejected.get(b.name), now),
     escrowCell(escrow.get(b.name), now),
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));

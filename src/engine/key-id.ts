@@ -16,6 +16,9 @@
  *   flap (no DEK rotation storm).
  * - Below quorum the key_id is frozen: a change would make the apiserver call an
  *   Encrypt that cannot succeed, while the apiserver's current DEK keeps writes going.
+ *   A process that starts below quorum has no key_id to freeze on, and any it made up
+ *   would be new to the apiserver: it announces none (current() is undefined) until
+ *   quorum is usable, so the rule holds across restarts without state on disk.
  */
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
@@ -56,29 +59,55 @@ export class KeyIdTracker {
     this.logger = logger;
   }
 
-  current(): KeyIdState {
+  /**
+   * The key_id to announce now; undefined while none may be announced (below quorum
+   * ever since this process started, see above).
+   */
+  current(): KeyIdState | undefined {
     const sorted = this.sorted();
-    const healthy = sorted.filter((b) => b.settledHealthy(this.recoverAfterMs) && b.knownKeyVersion !== undefined);
-    if (healthy.length < sorted.length && healthy.length < this.quorum && this.last !== undefined) {
-      return this.last; // below quorum: frozen, see above
+    const healthy = this.healthy(sorted);
+    if (healthy.length < sorted.length && healthy.length < this.quorum) {
+      if (this.last !== undefined) return this.last; // below quorum: frozen, see above
+      // Nothing announced yet: only once an Encrypt could succeed, so the first key_id
+      // the apiserver sees is one it can get a DEK for.
+      const usable = sorted.filter((b) => b.usable && b.knownKeyVersion !== undefined);
+      if (usable.length < this.quorum) return undefined;
     }
     return this.adopt(this.stateFor(sorted, healthy));
   }
 
   /**
+   * Backends whose copies new envelopes may lack right now: every one not healthy for
+   * `recoverAfterMs` or without a known key version. Unlike `current().missing` this
+   * is never frozen, so it is the complete list while below quorum.
+   */
+  lacking(): string[] {
+    const sorted = this.sorted();
+    const healthy = this.healthy(sorted);
+    return sorted.filter((b) => !healthy.includes(b)).map((b) => b.name);
+  }
+
+  /**
    * The key_id for an envelope that Encrypt has just written with copies from
    * `wrappedBy`: the current one, unless that claims a copy the envelope lacks (the
-   * key_id was frozen below quorum while a backend it names was down). Then a
-   * partial key_id naming exactly the backends that wrapped is adopted instead, so an
-   * envelope never carries a key_id that claims more copies than it has.
+   * key_id was frozen below quorum while a backend it names was down, or none was
+   * announced yet). Then a partial key_id naming exactly the backends that wrapped is
+   * adopted instead, so an envelope never carries a key_id that claims more copies
+   * than it has.
    */
   forEnvelope(wrappedBy: readonly string[]): KeyIdState {
     const state = this.current();
     const sorted = this.sorted();
-    const claimed = sorted.filter((b) => !state.missing.includes(b.name));
-    if (claimed.every((b) => wrappedBy.includes(b.name))) return state;
+    if (state !== undefined) {
+      const claimed = sorted.filter((b) => !state.missing.includes(b.name));
+      if (claimed.every((b) => wrappedBy.includes(b.name))) return state;
+    }
     const present = sorted.filter((b) => wrappedBy.includes(b.name) && b.knownKeyVersion !== undefined);
     return this.adopt(this.stateFor(sorted, present));
+  }
+
+  private healthy(sorted: readonly GuardedBackend[]): GuardedBackend[] {
+    return sorted.filter((b) => b.settledHealthy(this.recoverAfterMs) && b.knownKeyVersion !== undefined);
   }
 
   private sorted(): GuardedBackend[] {

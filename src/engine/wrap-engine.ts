@@ -84,6 +84,8 @@ export class WrapEngine {
   private readonly settings: EngineSettings;
   private readonly metrics: Metrics;
   private readonly logger: Logger;
+  /** Told of each copy refused (BACKEND_REJECTED, TAMPERED) by a Decrypt that another copy then opened. */
+  onRejectedCopy: (backend: string, reason: ErrorCode) => void = () => undefined;
 
   constructor(
     backends: readonly GuardedBackend[],
@@ -275,6 +277,7 @@ export class WrapEngine {
         // losing (see GuardedBackend): hedges would otherwise hide a black-holed backend.
         for (const attempt of attemptsInFlight) attempt.controller.abort(attempt.overtaken ? OVERTAKEN_BY_HEDGE : ANOTHER_COPY_WON);
         won.abort(ANOTHER_COPY_WON);
+        if ('result' in outcome) for (const f of failures) if (f.code === 'BACKEND_REJECTED' || f.code === 'TAMPERED') this.onRejectedCopy(f.backend, f.code);
         if ('result' in outcome) resolve(outcome.result);
         else reject(outcome.error);
       };

@@ -2,7 +2,8 @@
 import type { Transport } from '../envelope/placement.ts';
 
 export interface KmsStatus {
-  healthz: 'ok';
+  /** "ok", or what is wrong (below quorum). */
+  healthz: string;
   keyId: string;
 }
 
@@ -13,7 +14,7 @@ export interface KmsEncrypted {
 }
 
 export interface KmsCore {
-  /** Throws (-> a gRPC error) when no backend can serve, so the apiserver stops rotating. */
+  /** Throws (-> a gRPC error) when no backend can serve or no key_id may be announced, so the apiserver stops rotating. */
   status(): KmsStatus;
   encrypt(plaintext: Buffer, transport: Transport, signal: AbortSignal, uid?: string): Promise<KmsEncrypted>;
   decrypt(ciphertext: Buffer, annotations: ReadonlyMap<string, Uint8Array>, signal: AbortSignal, uid?: string): Promise<Buffer>;

@@ -3,8 +3,10 @@
  *
  * /healthz says the process is alive and never depends on a backend: a liveness
  * probe wired to a KMS round trip turns a KMS outage into a restart loop (the Go
- * Trousseau did that). /readyz is 200 while at least one backend can serve, with
- * per-backend detail as JSON.
+ * Trousseau did that). /readyz is 200 while the plugin can serve (quorum usable) and
+ * 503 otherwise, with short reasons only: any local user can reach this port, so
+ * key identifiers, versions and error classes stay behind the 0600 admin socket
+ * (`trousseau status`).
  */
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
@@ -57,7 +59,6 @@ export function httpConnectionCap(configured: number, fdLimit = openFileLimit())
 
 export interface ReadinessSource {
   readiness(): { ready: boolean; reasons: string[] };
-  describe(): unknown;
 }
 
 export class ObservabilityServer {
@@ -83,7 +84,7 @@ export class ObservabilityServer {
         response.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
       } else if (url === '/readyz') {
         const { ready, reasons } = readiness.readiness();
-        response.writeHead(ready ? 200 : 503, { 'content-type': 'application/json' }).end(`${JSON.stringify({ ready, reasons, ...(readiness.describe() as object) })}\n`);
+        response.writeHead(ready ? 200 : 503, { 'content-type': 'application/json' }).end(`${JSON.stringify({ ready, reasons })}\n`);
       } else if (url === '/metrics') {
         metrics.registry.metrics().then(
           (text) => response.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text),

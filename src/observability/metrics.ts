@@ -1,8 +1,10 @@
 /**
  * Prometheus metrics. Every metric lives in a registry owned by one plugin instance
  * (tests run several). Labels carry only bounded values: backend names from the
- * configuration, fixed operation and outcome words, gRPC code names. Never error
- * text, key ids of envelopes, or anything from a request.
+ * configuration, fixed operation and outcome words, gRPC code names, error classes.
+ * Never error text, key ids, key versions, key names, ARNs or account ids, or anything
+ * from a request: /metrics is readable by every local user, while those details stay
+ * behind the 0600 admin socket (test/security/readyz-metrics-exposure.test.ts checks).
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 

@@ -143,11 +143,11 @@ if (missing.length > 0) {
     const up = await waitForStatus(first, (s) => s.backends.every((b) => b.probeOk === true), 'all four backends up');
     t.true(up.healthy);
     t.false(up.partial);
-    t.regex(up.keyId, /^trousseau-v1-/);
+    t.regex(up.keyId ?? '', /^trousseau-v1-/);
 
     const plaintext = randomBytes(64);
     const encrypted = await call<V2EncryptRequest, V2EncryptResponse>(first.v2, 'Encrypt', { plaintext, uid: 'done-when-1' });
-    t.is(encrypted.key_id, up.keyId);
+    t.is(up.keyId, encrypted.key_id);
     const request: V2DecryptRequest = {
       ciphertext: encrypted.ciphertext,
       uid: 'done-when-2',

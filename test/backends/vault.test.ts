@@ -189,7 +189,7 @@ if ('missing' in server) {
           t.is(errorCodeOf(error), 'BACKEND_UNAVAILABLE', what);
           t.regex(error.message, failure, what);
         } else {
-          t.is((await call).keyVersion, '1', what);
+          t.regex((await call).keyVersion, /^1@\d+$/, what);
         }
       } finally {
         await b.close();
@@ -332,30 +332,34 @@ if ('missing' in server) {
     const refreshMs = 1000;
     const b = backend({ method: 'token', tokenFile: file }, { keyName: key, keyVersionRefreshMs: refreshMs });
     try {
-      t.is(await b.currentKeyVersion(signal()), '1');
+      const first = await b.currentKeyVersion(signal());
+      t.regex(first, /^1@\d+$/);
       const oldKey = randomBytes(32);
       const oldContext = contextFor(b);
       const old = await b.wrap(oldKey, oldContext, signal());
-      t.is(old.keyVersion, '1');
+      t.is(old.keyVersion, first);
 
       await admin('POST', `${mount}/keys/${key}/rotate`, {});
       const rotatedAt = Date.now();
       let seen = await b.currentKeyVersion(signal());
-      while (seen === '1' && Date.now() - rotatedAt < refreshMs + 1000) {
+      while (seen === first && Date.now() - rotatedAt < refreshMs + 1000) {
         await sleep(100);
         seen = await b.currentKeyVersion(signal());
       }
-      t.is(seen, '2', 'currentKeyVersion did not follow the rotation within the cache window');
+      t.regex(seen, /^2@\d+$/, 'currentKeyVersion did not follow the rotation within the cache window');
 
       const newKey = randomBytes(32);
       const newContext = contextFor(b);
       const fresh = await b.wrap(newKey, newContext, signal());
-      t.is(fresh.keyVersion, '2');
+      t.is(fresh.keyVersion, seen);
       t.true(Buffer.from(fresh.wrapped).toString().startsWith('vault:v2:'));
       t.true(Buffer.from(await b.unwrap(old.wrapped, old.keyVersion, oldContext, signal())).equals(oldKey));
       t.true(Buffer.from(await b.unwrap(fresh.wrapped, fresh.keyVersion, newContext, signal())).equals(newKey));
       // The version recorded in the envelope must match the ciphertext's own.
       t.is(errorCodeOf(await t.throwsAsync(b.unwrap(old.wrapped, '2', oldContext, signal()))), 'BACKEND_REJECTED');
+      t.is(errorCodeOf(await t.throwsAsync(b.unwrap(old.wrapped, fresh.keyVersion, oldContext, signal()))), 'BACKEND_REJECTED');
+      // Envelopes written before the creation time was recorded carry the bare number.
+      t.true(Buffer.from(await b.unwrap(old.wrapped, '1', oldContext, signal())).equals(oldKey));
     } finally {
       await b.close();
     }
@@ -366,11 +370,40 @@ if ('missing' in server) {
     const file = await writeSecret(`rotation-cache-${suffix()}`, await restrictedTokenFor([policy]));
     const b = backend({ method: 'token', tokenFile: file }, { keyName: key, keyVersionRefreshMs: 60_000 });
     try {
-      t.is(await b.currentKeyVersion(signal()), '1');
+      const first = await b.currentKeyVersion(signal());
+      t.regex(first, /^1@\d+$/);
       await admin('POST', `${mount}/keys/${key}/rotate`, {});
-      t.is(await b.currentKeyVersion(signal()), '1', 'cached');
-      t.is((await b.wrap(randomBytes(32), contextFor(b), signal())).keyVersion, '2');
-      t.is(await b.currentKeyVersion(signal()), '2');
+      t.is(await b.currentKeyVersion(signal()), first, 'cached');
+      const rotated = (await b.wrap(randomBytes(32), contextFor(b), signal())).keyVersion;
+      t.regex(rotated, /^2@\d+$/);
+      t.is(await b.currentKeyVersion(signal()), rotated);
+    } finally {
+      await b.close();
+    }
+  });
+
+  test('a transit key deleted and re-created under the same name gets a new key version; its old copies are refused', async (t) => {
+    const { key, policy } = await keyWithPolicy();
+    const file = await writeSecret(`recreate-${suffix()}`, await restrictedTokenFor([policy]));
+    const b = backend({ method: 'token', tokenFile: file }, { keyName: key, keyVersionRefreshMs: 0 });
+    try {
+      const before = await b.currentKeyVersion(signal());
+      const dataKey = randomBytes(32);
+      const context = contextFor(b);
+      const old = await b.wrap(dataKey, context, signal());
+      // The API gives creation times in whole seconds: re-create in a later second.
+      const createdAt = Number(before.split('@')[1]);
+      while (Math.floor(Date.now() / 1000) <= createdAt) await sleep(50);
+      await admin('POST', `${mount}/keys/${key}/config`, { deletion_allowed: true });
+      await admin('DELETE', `${mount}/keys/${key}`);
+      await admin('POST', `${mount}/keys/${key}`, { type: 'aes256-gcm96' });
+
+      const after = await b.currentKeyVersion(signal());
+      t.not(after, before, 'same key version for different key material: the key_id would not change');
+      t.is(after.split('@')[0], '1');
+      const fresh = await b.wrap(randomBytes(32), contextFor(b), signal());
+      t.is(fresh.keyVersion, after);
+      t.is(errorCodeOf(await t.throwsAsync(b.unwrap(old.wrapped, old.keyVersion, context, signal()))), 'BACKEND_REJECTED');
     } finally {
       await b.close();
     }

@@ -4,8 +4,8 @@
  * around injected backends, and helpers that re-encode an envelope's header so tests
  * can strip, reorder or replace copies while keeping the original payload.
  */
-import { constants, createHash, createPrivateKey, createPublicKey, privateDecrypt, publicEncrypt, type KeyObject } from 'node:crypto';
-import { chmod, copyFile, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { constants, createHash, createPrivateKey, createPublicKey, privateDecrypt, publicEncrypt, randomUUID, type KeyObject } from 'node:crypto';
+import { chmod, copyFile, mkdtemp, readFile, rename, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -151,8 +151,12 @@ export async function freshLocalBackends(dir: string, count: number, prefix = 'l
  */
 export async function goldenLocalBackend(name: string, relativeKeyFile: string, dir: string): Promise<LocalKeyBackend> {
   const target = path.join(dir, path.basename(relativeKeyFile));
-  await copyFile(path.join(GOLDEN_DIR, relativeKeyFile), target);
-  await chmod(target, 0o600);
+  // Copy aside and rename over: tests running at once share `dir`, and copyFile onto the
+  // file another backend is reading would show it an empty key file.
+  const staged = `${target}.${randomUUID()}`;
+  await copyFile(path.join(GOLDEN_DIR, relativeKeyFile), staged);
+  await chmod(staged, 0o600);
+  await rename(staged, target);
   return new LocalKeyBackend(name, target);
 }
 

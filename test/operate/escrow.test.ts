@@ -23,7 +23,7 @@ async function gauge(metrics: { registry: { getSingleMetricAsString(name: string
   return new RegExp(`\\{backend="${backend}"\\} (\\d)`).exec(text)?.[1];
 }
 
-test('every local backend alone decrypts: the report, metrics, status table and /readyz say so', async (t) => {
+test('every local backend alone decrypts: the report, metrics and status table say so; /readyz just says ready', async (t) => {
   const h = await startHarness(t, { config: { escrow: { initialDelayMs: 3_600_000 } } });
   const before = (await h.admin()) as unknown as StatusDocument;
   t.is(before.escrow?.lastRunAt, undefined);
@@ -45,10 +45,11 @@ test('every local backend alone decrypts: the report, metrics, status table and 
   const http = new ObservabilityServer(h.metrics, h.plugin, silentLogger());
   const bound = await http.listen('127.0.0.1:0');
   t.teardown(() => http.close());
-  const readyz = (await (await fetch(`http://127.0.0.1:${bound.port}/readyz`)).json()) as { ready: boolean; escrow: EscrowReport };
-  t.true(readyz.ready);
-  t.true(readyz.escrow.ok);
-  t.is(readyz.escrow.backends.length, 3);
+  // /readyz only says ready: the escrow report names key versions, so it stays behind the admin socket.
+  const readyz = (await (await fetch(`http://127.0.0.1:${bound.port}/readyz`)).json()) as Record<string, unknown>;
+  t.deepEqual(readyz, { ready: true, reasons: [] });
+  t.true(status.escrow?.ok);
+  t.is(status.escrow?.backends.length, 3);
 });
 
 test('a backend that wraps but cannot unwrap fails alone, although a normal Decrypt still fails over and works', async (t) => {
