@@ -12,6 +12,8 @@
  * - refuse: stop listening (ECONNREFUSED), or accept and reset at once;
  * - reset mid-request / mid-response: forward the first bytes, then reset;
  * - latency with jitter, and a heavy tail (a fraction of requests delayed by seconds);
+ * - hold: keep every byte from clients until the mode changes, then forward it all
+ *   (a test holds a backend call in flight for exactly as long as it needs);
  * - HTTP status (5xx, 429): parse just enough of each request (headers, then
  *   Content-Length or chunked body) to answer it with a canned response. Only for
  *   plain-HTTP upstreams: behind TLS (lowkey-vault, for azure) the proxy sees ciphertext,
@@ -25,7 +27,8 @@ export type FaultMode =
   | { kind: 'refuse'; how: 'close' | 'reset' }
   | { kind: 'reset'; when: 'request' | 'response'; afterBytes: number }
   | { kind: 'latency'; baseMs: number; jitterMs: number; tailFraction: number; tailMs: number }
-  | { kind: 'http'; status: number; retryAfterS: number | undefined };
+  | { kind: 'http'; status: number; retryAfterS: number | undefined }
+  | { kind: 'hold' };
 
 export interface FaultProxyOptions {
   /** Name used in logs and tables. */
@@ -48,7 +51,7 @@ export interface FaultProxyStats {
 
 /** Modes that only delay bytes: a switch between them keeps open connections intact. */
 function bytesIntact(mode: FaultMode): boolean {
-  return mode.kind === 'pass' || mode.kind === 'latency';
+  return mode.kind === 'pass' || mode.kind === 'latency' || mode.kind === 'hold';
 }
 
 const HEADER_LIMIT = 64 * 1024;
@@ -58,6 +61,8 @@ class Link {
   upstream: net.Socket | undefined;
   private readonly proxy: FaultProxy;
   private readonly pendingUp: Buffer[] = [];
+  /** Bytes from the client kept while the proxy holds. */
+  private readonly heldUp: Buffer[] = [];
   private upstreamReady = false;
   private readonly nextSendAt = { up: 0, down: 0 };
   private readonly timers = new Set<NodeJS.Timeout>();
@@ -145,7 +150,16 @@ class Link {
         return this.writeUp(chunk);
       case 'http':
         return this.answerHttp(chunk, mode);
+      case 'hold':
+        this.heldUp.push(chunk);
+        this.proxy.noteHeld();
+        return;
     }
+  }
+
+  /** Forward what was held, in order (the hold has ended). */
+  releaseHeld(): void {
+    for (const chunk of this.heldUp.splice(0)) this.delayed('up', 0, chunk);
   }
 
   private fromUpstream(chunk: Buffer): void {
@@ -243,6 +257,7 @@ export class FaultProxy {
   private boundPort = 0;
   private readonly links = new Set<Link>();
   private closed = false;
+  private holdWaiters: (() => void)[] = [];
 
   private constructor(options: FaultProxyOptions) {
     this.label = options.label;
@@ -309,6 +324,17 @@ export class FaultProxy {
   heavyTail(fraction: number, tailMs: number, baseMs = 0, jitterMs = 0): Promise<void> {
     return this.set({ kind: 'latency', baseMs, jitterMs, tailFraction: fraction, tailMs });
   }
+  /** Keep client bytes until the next mode; `whenHolding()` tells when some arrived. */
+  hold(): Promise<void> {
+    return this.set({ kind: 'hold' });
+  }
+  /** Resolves once a client has sent bytes that the proxy now holds. */
+  whenHolding(): Promise<void> {
+    return new Promise((resolve) => this.holdWaiters.push(resolve));
+  }
+  noteHeld(): void {
+    for (const wake of this.holdWaiters.splice(0)) wake();
+  }
   httpStatus(status: number, retryAfterS?: number): Promise<void> {
     if (this.tls) throw new Error(`proxy ${this.label} fronts a TLS server: HTTP answers are impossible, use TCP-level faults`);
     if (status < 400 || status > 599) throw new Error('httpStatus takes a 4xx or 5xx status');
@@ -323,6 +349,7 @@ export class FaultProxy {
     // keeps them too (their requests must hang, not fail fast). Anything else starts clean.
     const keep = bytesIntact(previous) && (bytesIntact(next) || next.kind === 'blackhole');
     if (!keep) for (const link of [...this.links]) link.destroy(true);
+    else if (previous.kind === 'hold' && next.kind !== 'hold') for (const link of this.links) link.releaseHeld();
     if (next.kind === 'refuse' && next.how === 'close') await this.unlisten();
     else await this.listen();
   }

@@ -3,7 +3,7 @@
  * exits 0 without leaving the socket, and the core issue's "done when" scenario
  * (lose two of three dev key files, keep reading, never recreate them).
  */
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import { spawn } from 'node:child_process';
 import { lstat, readdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -15,20 +15,41 @@ import type * as T from '../../src/kms/types.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { Metrics } from '../../src/observability/metrics.ts';
 import { Plugin } from '../../src/plugin.ts';
-import { startGatedTransit } from '../helpers/gated-transit.ts';
+import { FaultProxy } from '../chaos/fault-proxy.ts';
+import { requireServer, requireVar } from '../helpers/servers.ts';
 import { MAIN, eventually, grpcError, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
+
+/**
+ * The real OpenBao server behind a fault proxy, as a vault backend named `slow`: the
+ * proxy's hold() keeps a backend call in flight for exactly as long as a test needs.
+ * (Key files cannot do this: they are read without blocking, and a FIFO is refused.)
+ */
+async function openbaoBehindProxy(t: ExecutionContext, timeoutMs: number) {
+  const server = requireServer('openbao');
+  if ('missing' in server) throw new Error(server.missing);
+  const need = (name: string) => requireVar(server.env, name, 'openbao');
+  const proxy = await FaultProxy.start('openbao', need('VAULT_ADDR'));
+  t.teardown(() => proxy.close());
+  const backend = {
+    name: 'slow',
+    type: 'vault',
+    address: `http://127.0.0.1:${proxy.port}`,
+    transitMount: need('VAULT_TRANSIT_MOUNT'),
+    keyName: need('VAULT_KEY_NAME'),
+    auth: { method: 'token', tokenFile: need('VAULT_TOKEN_FILE') },
+    timeoutMs,
+  };
+  return { proxy, backend };
+}
+
 
 test.serial('SIGTERM while a Decrypt is in flight: the call completes, the process exits 0, the socket is removed', async (t) => {
   const dir = await tempDir(t);
   const socketPath = path.join(dir, 'kms.sock');
-  // The only backend is a transit server the test controls: it holds the Decrypt's
-  // unwrap until the test releases it, which keeps the call in flight for as long as
-  // the test needs, deterministically. (Key files cannot do this: they are read
-  // without blocking, and a FIFO is refused.)
-  const transit = await startGatedTransit('k');
-  t.teardown(() => transit.close());
-  await writeFile(path.join(dir, 'token'), 'test-token\n', { mode: 0o600 });
-  const backends = [{ name: 'slow', type: 'vault', address: transit.address, keyName: 'k', auth: { method: 'token', tokenFile: 'token' }, timeoutMs: 2900 }];
+  // The only backend is OpenBao behind a proxy that holds the Decrypt's unwrap until
+  // the test releases it: the call stays in flight, deterministically.
+  const { proxy, backend } = await openbaoBehindProxy(t, 2900);
+  const backends = [backend];
   const config = parseConfig({ quorum: 1, backends });
   const writer = new Plugin({ config, baseDir: dir, logger: silentLogger(), metrics: new Metrics() });
   await writer.start();
@@ -51,7 +72,8 @@ test.serial('SIGTERM while a Decrypt is in flight: the call completes, the proce
   const clients = clientsFor(socketPath);
   t.teardown(() => clients.close());
 
-  const held = transit.hold();
+  await proxy.hold();
+  const held = proxy.whenHolding();
   const decrypting = call<T.V2DecryptRequest, T.V2DecryptResponse>(
     clients.v2,
     'Decrypt',
@@ -62,7 +84,7 @@ test.serial('SIGTERM while a Decrypt is in flight: the call completes, the proce
   serve.child.kill('SIGTERM');
   await eventually(() => (serve.stderr.includes('shutting down') ? true : undefined), 5000);
   t.regex(serve.stderr, /"inFlight":1[,}].*shutting down/);
-  transit.release();
+  await proxy.pass();
 
   const response = await decrypting;
   t.deepEqual(response.plaintext, plaintext);
@@ -115,13 +137,12 @@ test.serial('done when: dev mode survives losing two of three key files, Decrypt
 test.serial('SIGTERM while the plugin is still starting: it abandons the start and shuts down cleanly (exit 0, no socket left)', async (t) => {
   const dir = await tempDir(t);
   const socketPath = path.join(dir, 'kms.sock');
-  // The start-up probe of `slow` blocks in its unwrap at a transit server that holds
-  // it (until the probe's timeout), so the plugin is provably mid-start when the
-  // signal arrives.
-  const transit = await startGatedTransit('k');
-  t.teardown(() => transit.close());
-  const held = transit.hold();
-  await writeFile(path.join(dir, 'token'), 'test-token\n', { mode: 0o600 });
+  // The start-up probe of `slow` blocks at a proxy in front of OpenBao that holds it
+  // (until the probe's timeout), so the plugin is provably mid-start when the signal
+  // arrives.
+  const { proxy, backend } = await openbaoBehindProxy(t, 1500);
+  await proxy.hold();
+  const held = proxy.whenHolding();
   await generateKeyFile(path.join(dir, 'a.key'));
   await writeFile(
     path.join(dir, 'config.yaml'),
@@ -130,7 +151,7 @@ test.serial('SIGTERM while the plugin is still starting: it abandons the start a
       quorum: 1,
       backends: [
         { name: 'a', type: 'local', keyFile: 'a.key' },
-        { name: 'slow', type: 'vault', address: transit.address, keyName: 'k', auth: { method: 'token', tokenFile: 'token' }, timeoutMs: 1500 },
+        backend,
       ],
     }),
   );
