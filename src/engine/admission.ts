@@ -44,7 +44,7 @@ export interface Slot {
 }
 
 /** Time left for answering the refusal itself once a call is known not to make it. */
-const ANSWER_RESERVE_MS = 25;
+const ANSWER_RESERVE_MS = 50;
 /** Hold times needed before the p90 is trusted for the deadline check. */
 const MIN_SAMPLES = 16;
 

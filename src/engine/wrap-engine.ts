@@ -194,9 +194,12 @@ export class WrapEngine {
       const pending = new Set<Promise<unknown>>();
       const inProgress = new Set<string>();
       const waitingForSlot = new Set<string>();
+      /** performance.now() at which each wrap under way got its slot here. */
+      const admittedAt = new Map<string, number>();
       let started = 0;
       let settled = 0;
       let graceTimer: NodeJS.Timeout | undefined;
+      let quorumAt: number | undefined;
       let done = false;
 
       const decide = () => {
@@ -227,11 +230,25 @@ export class WrapEngine {
         void Promise.allSettled(pending).then(decide);
       };
 
-      const onGraceOver = () => {
-        // The grace abandons stragglers, not wraps still waiting for a slot here: those
-        // are waited for (within the deadline), or the envelope would lack their copy
-        // because of our own queue.
-        if (waitingForSlot.size === 0) finish();
+      /**
+       * The straggler grace counts a backend's own time: it runs from quorum, or from
+       * when a wrap still waiting for a slot here got one, whichever is later. A wrap
+       * is never abandoned for time it spent in our queue (within the deadline), or the
+       * envelope would lack its copy because of our own load. (With a grace of 0 a
+       * wrap admitted after quorum is abandoned at once, like any straggler.)
+       */
+      const armGrace = () => {
+        clearTimeout(graceTimer);
+        if (done || quorumAt === undefined || waitingForSlot.size > 0) return; // re-armed at the next admission
+        const youngest = Math.max(quorumAt, ...admittedAt.values());
+        const left = youngest + stragglerGraceMs - performance.now();
+        if (left <= 0) finish();
+        else graceTimer = setTimeout(armGrace, left);
+      };
+      const onAdmitted = (name: string) => {
+        waitingForSlot.delete(name);
+        admittedAt.set(name, performance.now());
+        armGrace();
       };
 
       const start = (backend: GuardedBackend) => {
@@ -239,13 +256,14 @@ export class WrapEngine {
         inProgress.add(backend.name);
         waitingForSlot.add(backend.name);
         const call = backend
-          .wrap(dataKey, { envelopeId, backendName: backend.name }, signal, { deadlineAt, onAdmitted: () => waitingForSlot.delete(backend.name) })
+          .wrap(dataKey, { envelopeId, backendName: backend.name }, signal, { deadlineAt, onAdmitted: () => onAdmitted(backend.name) })
           .then(
             ({ wrapped, keyVersion }) => {
               if (done) return;
               copies.push({ backendName: backend.name, keyVersion, wrapped });
-              if (copies.length === quorum && stragglerGraceMs > 0 && this.backends.length > quorum) {
-                graceTimer = setTimeout(onGraceOver, stragglerGraceMs);
+              if (copies.length === quorum && this.backends.length > quorum) {
+                quorumAt = performance.now();
+                armGrace();
               }
             },
             (error: unknown) => {
@@ -260,10 +278,12 @@ export class WrapEngine {
           )
           .finally(() => {
             inProgress.delete(backend.name);
-            waitingForSlot.delete(backend.name);
+            const wasWaiting = waitingForSlot.delete(backend.name);
+            admittedAt.delete(backend.name);
             pending.delete(call);
+            if (wasWaiting) armGrace();
             settled++;
-            if (settled === started || (copies.length >= quorum && stragglerGraceMs === 0)) finish();
+            if (settled === started) finish();
           });
         pending.add(call);
       };
