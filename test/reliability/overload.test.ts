@@ -116,12 +116,12 @@ test.serial('a call that can no longer finish before its deadline is refused bef
 });
 
 test.serial('a wrap that waited for a slot inside the plugin is not abandoned as a straggler: full envelopes, key_id unchanged', async (t) => {
-  // Backend c is the slow one (50 ms) behind a pool of 32; a and b answer in 5 ms.
+  // Backend c is the slow one (100 ms) behind a pool of 32; a and b answer in 5 ms.
   // Under a burst, c's later rounds wait for a connection past quorum + grace
-  // (150 ms): that wait is ours, so c's copy must not go missing and the key_id
-  // must not turn partial.
-  const rig = await startRig(t, { connections: 32, serviceMs: 5 });
-  rig.backends.find((b) => b.name === 'c')!.serviceMs = 50;
+  // (300 ms here, so that a loaded machine stretching c's own 100 ms does not count):
+  // that wait is ours, so c's copy must not go missing and the key_id must not turn partial.
+  const rig = await startRig(t, { connections: 32, serviceMs: 5, config: { encrypt: { stragglerGraceMs: 300 } } });
+  rig.backends.find((b) => b.name === 'c')!.serviceMs = 100;
   const keyIdBefore = (await rig.status()).key_id;
   const envelopes: T.V2EncryptResponse[] = [];
   const responses = await Promise.all(Array.from({ length: 200 }, (_, i) => outcome(v2Encrypt(rig, i).then((r) => (envelopes.push(r), r)))));
