@@ -37,7 +37,7 @@ import { pluginNodeArgs } from './plugin-node-args.ts';
 
 const root = path.resolve(import.meta.dirname, '..');
 const pluginRoot = process.env.BENCH_PLUGIN_ROOT ? path.resolve(process.env.BENCH_PLUGIN_ROOT) : root;
-const BURST = 5000;
+const BURST = Number(process.env.BENCH_OVERLOAD_BURST ?? 5000);
 const DEADLINE_MS = 3000;
 const PEAK_CALLERS = 32;
 const PEAK_SECONDS = 5;
@@ -184,6 +184,8 @@ interface BurstResult {
   drainMs: number;
   backendCalls: Record<string, number>;
   shed: number;
+  /** What the plugin itself answered, by gRPC code (its request metrics). */
+  pluginAnswered: Record<string, number>;
   rssPeakMiB: number;
 }
 
@@ -191,6 +193,9 @@ interface BurstResult {
 async function burst(pid: number, metricsUrl: string, operation: 'wrap' | 'unwrap', peakPerSecond: number, fire: (i: number) => Promise<unknown>): Promise<BurstResult> {
   const backendsBefore = await Promise.all(['vault', 'aws', 'local'].map((b) => metricSum(metricsUrl, 'trousseau_backend_requests_total', { backend: b, operation })));
   const shedBefore = await metricSum(metricsUrl, 'trousseau_overload_shed_total');
+  const method = operation === 'wrap' ? 'Encrypt' : 'Decrypt';
+  const codes = ['OK', 'UNAVAILABLE', 'DEADLINE_EXCEEDED', 'CANCELLED'];
+  const answeredBefore = await Promise.all(codes.map((code) => metricSum(metricsUrl, 'trousseau_kms_requests_total', { api: 'v2', method, code })));
   let rssPeak = rssMiB(pid);
   const sampler = setInterval(() => (rssPeak = Math.max(rssPeak, rssMiB(pid))), 100);
   const okLatencies: number[] = [];
@@ -237,6 +242,9 @@ async function burst(pid: number, metricsUrl: string, operation: 'wrap' | 'unwra
     drainMs: Math.round(lastAnswerAt - started),
     backendCalls: Object.fromEntries(['vault', 'aws', 'local'].map((b, i) => [b, backendsAfter[i]! - backendsBefore[i]!])),
     shed: (await metricSum(metricsUrl, 'trousseau_overload_shed_total')) - shedBefore,
+    pluginAnswered: Object.fromEntries(
+      await Promise.all(codes.map(async (code, i) => [code, (await metricSum(metricsUrl, 'trousseau_kms_requests_total', { api: 'v2', method, code })) - answeredBefore[i]!])),
+    ) as Record<string, number>,
     rssPeakMiB: rssPeak,
   };
 }

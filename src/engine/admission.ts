@@ -90,10 +90,15 @@ export class Admission {
    */
   acquire(signal?: AbortSignal, deadlineAt?: number): Promise<Slot> {
     const now = performance.now();
-    const latestStart = deadlineAt === undefined ? Infinity : now + (deadlineAt - Date.now()) - this.expectedHoldMs - ANSWER_RESERVE_MS;
+    const answerBy = deadlineAt === undefined ? Infinity : now + (deadlineAt - Date.now()) - ANSWER_RESERVE_MS;
+    const latestStart = answerBy - this.expectedHoldMs;
     if (signal?.aborted) return Promise.reject(this.abandoned(signal));
-    if (latestStart <= now) return Promise.reject(this.refuse('deadline'));
+    if (answerBy <= now) return Promise.reject(this.refuse('deadline'));
+    // A free slot is always taken (unless the caller is as good as gone): were calls
+    // refused on the estimate alone while nothing runs, no call would ever finish to
+    // bring a stale estimate down again.
     if (this.running < this.limits.maxInFlight && this.queue.length === 0) return Promise.resolve(this.grant());
+    if (latestStart <= now) return Promise.reject(this.refuse('deadline'));
     if (this.queue.length >= this.limits.maxQueued) return Promise.reject(this.refuse('queue_full'));
     // The wait the calls ahead imply: each round of maxInFlight calls holds its slots about expectedHoldMs.
     const expectedWait = Math.ceil((this.queue.length + 1) / this.limits.maxInFlight) * this.expectedHoldMs;

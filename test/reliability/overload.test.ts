@@ -72,9 +72,9 @@ test.serial('a burst beyond the admission bound is refused at once, explicitly, 
       return o;
     }),
   );
-  // 64 in flight + 256 waiting by default: the other 80 are refused while every
+  // 32 in flight + 128 waiting by default: the other 240 are refused while every
   // admitted call is still held at the backends, i.e. without waiting for any work.
-  await eventually(() => (refused >= 80 ? true : undefined), 10_000).catch(() => t.fail(`only ${refused} of ${total} calls were refused while the backends were held`));
+  await eventually(() => (refused >= 240 ? true : undefined), 10_000).catch(() => t.fail(`only ${refused} of ${total} calls were refused while the backends were held`));
   for (const b of rig.backends) t.true(b.arrived.wrap <= 32, `backend ${b.name} was sent ${b.arrived.wrap} wraps at once (bound 32)`);
   for (const b of rig.backends) b.open();
   const outcomes = await Promise.all(calls);
@@ -84,9 +84,9 @@ test.serial('a burst beyond the admission bound is refused at once, explicitly, 
   t.is(ok + outcomes.filter(isRefusal).length, total);
   // Every wrap belongs to a call that succeeded: a refused call cost no backend call.
   for (const b of rig.backends) t.is(b.arrived.wrap, ok, `backend ${b.name}: ${b.arrived.wrap} wraps for ${ok} successful Encrypts`);
-  t.true((await rig.counter('trousseau_overload_shed_total')) >= 80, 'shed calls are not counted');
+  t.true((await rig.counter('trousseau_overload_shed_total')) >= 240, 'shed calls are not counted');
   t.true(
-    (await rig.counter('trousseau_kms_requests_total', { method: 'Encrypt', code: 'UNAVAILABLE' })) >= 80,
+    (await rig.counter('trousseau_kms_requests_total', { method: 'Encrypt', code: 'UNAVAILABLE' })) >= 240,
     'refusals are missing from the request metrics',
   );
   await assertUnharmed(t, rig, keyIdBefore);
@@ -97,7 +97,7 @@ test.serial('a call that can no longer finish before its deadline is refused bef
   const keyIdBefore = (await rig.status()).key_id;
   for (const b of rig.backends) b.gate();
   // Take every KMS slot with calls held at the backends.
-  const holders = Array.from({ length: 64 }, (_, i) => outcome(v2Encrypt(rig, i, 5000)));
+  const holders = Array.from({ length: 32 }, (_, i) => outcome(v2Encrypt(rig, i, 5000)));
   await eventually(() => (rig.backends.every((b) => b.arrived.wrap >= 32) ? true : undefined), 10_000);
   await new Promise((r) => setTimeout(r, 100));
   const before = rig.backends.map((b) => b.arrived.wrap);
