@@ -25,6 +25,9 @@ export class PooledBackend implements KeyBackend {
   readonly arrived = { wrap: 0, unwrap: 0, key_version: 0 };
   /** Largest number of calls waiting inside the backend for a connection. */
   peakQueued = 0;
+  /** Calls inside the backend right now (queued or served), and the most at once. */
+  inside = 0;
+  peakInside = 0;
 
   constructor(inner: KeyBackend, options: { connections: number; serviceMs: number }) {
     this.inner = inner;
@@ -47,6 +50,7 @@ export class PooledBackend implements KeyBackend {
   resetCounts(): void {
     this.arrived.wrap = this.arrived.unwrap = this.arrived.key_version = 0;
     this.peakQueued = 0;
+    this.peakInside = 0;
   }
 
   currentKeyVersion(signal: AbortSignal): Promise<string> {
@@ -69,6 +73,15 @@ export class PooledBackend implements KeyBackend {
   }
 
   private async serve<T>(signal: AbortSignal, forward: () => Promise<T>): Promise<T> {
+    this.peakInside = Math.max(this.peakInside, ++this.inside);
+    try {
+      return await this.served(signal, forward);
+    } finally {
+      this.inside--;
+    }
+  }
+
+  private async served<T>(signal: AbortSignal, forward: () => Promise<T>): Promise<T> {
     await this.connection(signal);
     try {
       await this.wait(signal, (resolve) => {
