@@ -11,6 +11,9 @@
  *                                    injected-latency scenarios (bench/scenarios.ts)
  *   npm run bench -- --scenario memory
  *                                    RSS and heap idle, under load, across churn (bench/memory.ts)
+ *   npm run bench -- --scenario overload
+ *                                    5,000-call bursts against the real test servers (bench/overload.ts;
+ *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
  *   ... --out bench/results.jsonl    append the run's JSON line (stamped with commit, date,
  *                                    node, cpus, load: bench/record.ts) to a file
  *   node bench/charts.ts             redraw docs/charts/*.svg from bench/results.jsonl
@@ -58,13 +61,16 @@ const { values: args } = parseArgs({
 if (args.scenario?.length) {
   const { runScenarios } = await import('./scenarios.ts');
   const { runMemory } = await import('./memory.ts');
+  const { runOverload } = await import('./overload.ts');
   const names = args.scenario.includes('all') ? ['fanout', 'failover', 'hedging', 'storm', 'memory'] : args.scenario;
   const results: Record<string, unknown> = {};
   for (const name of names) {
     results[name] =
       name === 'memory'
         ? await runMemory({ calls: args.calls === undefined ? undefined : Number(args.calls) })
-        : (await runScenarios([name]))[name];
+        : name === 'overload'
+          ? await runOverload()
+          : (await runScenarios([name]))[name];
     // One line per scenario, so bench/results.jsonl stays one comparable record per line.
     if (args.out) emit(`scenario:${name}`, results[name] as Record<string, unknown>, { json: false, out: args.out });
   }

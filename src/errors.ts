@@ -30,6 +30,8 @@ export type ErrorCode =
   | 'CANCELLED'
   /** The plugin is shutting down. */
   | 'SHUTTING_DOWN'
+  /** Refused or shed by the plugin's own admission control: says nothing about any backend. */
+  | 'OVERLOADED'
   /** A bug: an invariant did not hold. */
   | 'INTERNAL';
 

@@ -8,6 +8,7 @@ import type { KeyBackend } from './backends/backend.ts';
 import { definitionFor } from './backends/registry.ts';
 import type { Config } from './config/schema.ts';
 import path from 'node:path';
+import { Admission } from './engine/admission.ts';
 import { EscrowVerifier, type EscrowReport } from './engine/escrow-verifier.ts';
 import { GuardedBackend } from './engine/guarded-backend.ts';
 import { HealthProber } from './engine/health-probe.ts';
@@ -66,6 +67,8 @@ export class Plugin implements KmsCore {
   readonly engine: WrapEngine;
   readonly prober: HealthProber;
   readonly escrow: EscrowVerifier;
+  /** Every KMS Encrypt and Decrypt waits here (kms/services.ts); see engine/admission.ts. */
+  readonly admission: Admission;
   private readonly keyIds: KeyIdTracker;
   private readonly rejectedCopies: RejectedCopyTracker;
   private readonly config: Config;
@@ -80,12 +83,14 @@ export class Plugin implements KmsCore {
     this.config = config;
     this.logger = logger;
     this.metrics = metrics;
+    this.admission = new Admission('kms', config.overload.kms, { shed: (reason) => metrics.overloadShed.inc({ stage: 'kms', backend: '', reason }) });
+    metrics.trackAdmission('kms', '', this.admission);
     const raw = options.backends ?? config.backends.map((b) => buildBackend(b, options.baseDir, logger));
     this.backends = raw.map((backend) => {
       const settings = config.backends.find((b) => b.name === backend.name);
       return new GuardedBackend(
         backend,
-        { timeoutMs: settings?.timeoutMs ?? 1000, priority: settings?.priority ?? 100, breaker: config.breaker },
+        { timeoutMs: settings?.timeoutMs ?? 1000, priority: settings?.priority ?? 100, breaker: config.breaker, admission: config.overload.backend },
         metrics,
         logger,
       );

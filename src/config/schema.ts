@@ -13,6 +13,20 @@ const octalMode = z
   .transform((v) => (typeof v === 'number' ? v : parseInt(v, 8)))
   .refine((v) => (v & 0o007) === 0, 'must not give access to others (last octal digit 0)');
 
+/** One admission limit (engine/admission.ts); defaults differ between the KMS layer and a backend. */
+const admissionLimits = (defaults: { maxInFlight: number; maxQueued: number; maxWaitMs: number }) =>
+  z
+    .object({
+      /** Calls running at once. */
+      maxInFlight: z.number().int().min(1).max(10000).default(defaults.maxInFlight),
+      /** Calls waiting for a slot; beyond it a call is refused at once (UNAVAILABLE, "overloaded"). */
+      maxQueued: z.number().int().min(0).max(100000).default(defaults.maxQueued),
+      /** Longest a call waits for a slot. */
+      maxWaitMs: z.number().int().min(1).max(2900).default(defaults.maxWaitMs),
+    })
+    .strict()
+    .prefault({});
+
 export const configSchema = z
   .object({
     socket: z
@@ -60,6 +74,23 @@ export const configSchema = z
           })
           .strict()
           .prefault({}),
+      })
+      .strict()
+      .prefault({}),
+    /**
+     * Admission control: bounded in-flight work with a bounded wait, refused early and
+     * explicitly beyond it (docs/design/overload.md).
+     */
+    overload: z
+      .object({
+        /**
+         * All KMS Encrypt and Decrypt calls together (defaults 32 / 128 / 1000). An
+         * Encrypt asks every backend at once: keep kms.maxInFlight at or below
+         * backend.maxInFlight, so Encrypts alone never wait for a backend slot.
+         */
+        kms: admissionLimits({ maxInFlight: 32, maxQueued: 128, maxWaitMs: 1000 }),
+        /** Calls to each backend (defaults 32 / 256 / 1000); keep maxInFlight below an SDK's connection pool (AWS: 50). */
+        backend: admissionLimits({ maxInFlight: 32, maxQueued: 256, maxWaitMs: 1000 }),
       })
       .strict()
       .prefault({}),

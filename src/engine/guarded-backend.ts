@@ -22,6 +22,7 @@ import { TrousseauError, errorCodeOf, isTrousseauError, type ErrorCode } from '.
 import { DATA_KEY_BYTES, MAX_KEY_VERSION_BYTES, MAX_WRAPPED_BYTES } from '../envelope/limits.ts';
 import type { BackendOperation, BackendOutcome, Metrics } from '../observability/metrics.ts';
 import { linkedSignal } from './abort.ts';
+import { Admission, type AdmissionLimits, type Slot } from './admission.ts';
 import { LatencyWindow } from './latency.ts';
 
 export interface BreakerSettings {
@@ -39,9 +40,19 @@ export interface GuardSettings {
   timeoutMs: number;
   priority: number;
   breaker: BreakerSettings;
+  /** Bound on this backend's calls in flight and waiting (config `overload.backend`). */
+  admission: AdmissionLimits;
 }
 
 export type BreakerState = 'closed' | 'half-open' | 'open';
+
+/** How a caller of wrap / unwrap takes part in admission control. */
+export interface CallOptions {
+  /** When the caller stops waiting (Date.now() time): a call that could not finish by then is refused, not started. */
+  deadlineAt?: number;
+  /** Called once the call got its slot and goes to the backend. */
+  onAdmitted?: () => void;
+}
 
 /** What status, metrics and the key_id know of one backend's health. */
 export interface BackendHealth {
@@ -82,6 +93,8 @@ export class GuardedBackend {
   readonly kind: string;
   readonly priority: number;
   readonly latency = new LatencyWindow();
+  /** Calls wait here, not in an SDK's connection pool, so waiting never counts as the backend's time. */
+  readonly admission: Admission;
   private readonly breaker: CircuitBreaker<[Action, AbortSignal], unknown>;
   private probeOk: boolean | undefined;
   private lastError: ErrorCode | undefined;
@@ -115,6 +128,10 @@ export class GuardedBackend {
     this.kind = backend.kind;
     this.priority = settings.priority;
     this.healthySince = now();
+    this.admission = new Admission(backend.name, settings.admission, {
+      shed: (reason) => metrics.overloadShed.inc({ stage: 'backend', backend: backend.name, reason }),
+    });
+    metrics.trackAdmission('backend', backend.name, this.admission);
     this.breaker = new CircuitBreaker((action: Action, signal: AbortSignal) => action(signal), {
       timeout: false,
       resetTimeout: settings.breaker.resetTimeoutMs,
@@ -179,19 +196,24 @@ export class GuardedBackend {
     return this.keyVersion;
   }
 
-  async wrap(dataKey: Uint8Array, context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
+  /** Refused with OVERLOADED, before the backend is called, when admission control says so. */
+  async wrap(dataKey: Uint8Array, context: WrapContext, signal: AbortSignal, options?: CallOptions): Promise<WrappedKey> {
     const result = await this.call('wrap', (s) => this.backend.wrap(dataKey, context, s), signal, (r) => {
       if (!(r.wrapped instanceof Uint8Array) || r.wrapped.length < 1 || r.wrapped.length > MAX_WRAPPED_BYTES) return 'wrapped key empty or too large';
       if (!isValidKeyVersion(r.keyVersion)) return 'key version empty, too long or not printable';
       return undefined;
-    });
+    }, options);
     this.keyVersion = result.keyVersion;
     return result;
   }
 
-  async unwrap(wrapped: Uint8Array, keyVersion: string, context: WrapContext, signal: AbortSignal): Promise<Uint8Array> {
-    return this.call('unwrap', (s) => this.backend.unwrap(wrapped, keyVersion, context, s), signal, (r) =>
-      r instanceof Uint8Array && r.length === DATA_KEY_BYTES ? undefined : 'unwrapped key has the wrong size',
+  async unwrap(wrapped: Uint8Array, keyVersion: string, context: WrapContext, signal: AbortSignal, options?: CallOptions): Promise<Uint8Array> {
+    return this.call(
+      'unwrap',
+      (s) => this.backend.unwrap(wrapped, keyVersion, context, s),
+      signal,
+      (r) => (r instanceof Uint8Array && r.length === DATA_KEY_BYTES ? undefined : 'unwrapped key has the wrong size'),
+      options,
     );
   }
 
@@ -203,15 +225,23 @@ export class GuardedBackend {
     return version;
   }
 
-  /** Record a health probe's result (the calls it made were recorded already). */
+  /**
+   * Record a health probe's result (the calls it made were recorded already). A probe
+   * our own admission control refused proved nothing about the backend: ignored.
+   */
   recordProbe(ok: boolean, error?: unknown): void {
+    if (!ok && errorCodeOf(error) === 'OVERLOADED') return;
     this.probeOk = ok;
     if (ok) this.markHealthy();
     else this.markUnhealthy(errorCodeOf(error));
     this.metrics.backendUp.set({ backend: this.name }, ok ? 1 : 0);
   }
 
-  /** An Encrypt went out without this backend's copy: new envelopes lack it. */
+  /**
+   * An Encrypt went out without this backend's copy: new envelopes lack it. The engine
+   * never calls this for a wrap that our admission control refused or that was still
+   * waiting for a slot: local overload says nothing about the backend.
+   */
   recordMissedWrap(): void {
     this.markUnhealthy(this.lastError ?? 'BACKEND_UNAVAILABLE');
   }
@@ -237,7 +267,32 @@ export class GuardedBackend {
     this.lastErrorAt = this.now();
   }
 
-  private async call<T>(operation: BackendOperation, fn: (signal: AbortSignal) => Promise<T>, callerSignal: AbortSignal, check: (result: T) => string | undefined): Promise<T> {
+  private async call<T>(
+    operation: BackendOperation,
+    fn: (signal: AbortSignal) => Promise<T>,
+    callerSignal: AbortSignal,
+    check: (result: T) => string | undefined,
+    options: CallOptions = {},
+  ): Promise<T> {
+    let slot: Slot;
+    try {
+      slot = await this.admission.acquire(callerSignal, options.deadlineAt);
+    } catch (error) {
+      // Refused before the backend was called: not the backend's failure, so neither the
+      // breaker, nor lastError, nor the latency window hears of it.
+      this.metrics.backendRequests.inc({ backend: this.name, operation, outcome: 'shed' });
+      throw error;
+    }
+    try {
+      options.onAdmitted?.();
+      return await this.callAdmitted(operation, fn, callerSignal, check);
+    } finally {
+      slot.release();
+    }
+  }
+
+  /** The call itself, once admitted: its timeout, breaker and latency clocks start here. */
+  private async callAdmitted<T>(operation: BackendOperation, fn: (signal: AbortSignal) => Promise<T>, callerSignal: AbortSignal, check: (result: T) => string | undefined): Promise<T> {
     const started = performance.now();
     const linked = linkedSignal([callerSignal], this.settings.timeoutMs, CALL_TIMED_OUT);
     const signal = linked.signal;

@@ -77,6 +77,10 @@ const DECRYPT_DEADLINE = new TrousseauError('DEADLINE', 'decrypt deadline passed
 
 const BREAKER_RANK = { closed: 0, 'half-open': 1, open: 2 } as const;
 
+function tooLargeForV2(plaintextLength: number): TrousseauError {
+  return new TrousseauError('INVALID_INPUT', `plaintext of ${plaintextLength} bytes does not fit a KMS v2 ciphertext of ${V2_MAX_CIPHERTEXT_BYTES} bytes`);
+}
+
 export class WrapEngine {
   private readonly byName: Map<string, GuardedBackend>;
   private readonly hedgeBudget: HedgeBudget;
@@ -101,11 +105,23 @@ export class WrapEngine {
   }
 
   async encrypt(plaintext: Uint8Array, transport: Transport, callerSignal: AbortSignal): Promise<EncryptResult> {
-    if (transport === 'v2') this.checkFitsV2(plaintext.length);
+    const { first, reserve } = this.encryptPlan();
+    // Every backend in `first` is asked, and each copy it returns takes header space.
+    const fits = transport === 'v2' ? (names: readonly string[]) => this.fitsV2(plaintext.length, names) : () => true;
+    if (!fits(first.map((b) => b.name))) throw tooLargeForV2(plaintext.length);
     const dataKey = newDataKey();
     const envelopeId = newEnvelopeId();
     try {
-      const copies = await this.wrapWithQuorum(dataKey, envelopeId, callerSignal);
+      const { copies, notStarted } = await this.wrapWithQuorum(first, reserve, fits, dataKey, envelopeId, callerSignal);
+      const wrappedBy = copies.map((c) => c.backendName);
+      const missing = this.backends.filter((b) => !wrappedBy.includes(b.name));
+      // A usable backend left out only because its wrap could not get a slot here: the
+      // envelope would lack a copy for a reason that has nothing to do with the backend,
+      // and an envelope missing a copy moves the key_id. Refuse the call instead.
+      const crowdedOut = missing.filter((b) => notStarted.has(b.name) && b.usable);
+      if (crowdedOut.length > 0) {
+        throw new TrousseauError('OVERLOADED', `overloaded: the wrap by ${crowdedOut.map((b) => b.name).join(', ')} could not start in time; retry later`);
+      }
       const placement = placeCopies(copies, plaintext.length, transport);
       const ciphertext = sealEnvelope({
         dataKey,
@@ -115,9 +131,7 @@ export class WrapEngine {
         copies: placement.copies,
         plaintext,
       });
-      const wrappedBy = copies.map((c) => c.backendName);
-      const missing = this.backends.filter((b) => !wrappedBy.includes(b.name));
-      for (const backend of missing) backend.recordMissedWrap();
+      for (const backend of missing) if (!notStarted.has(backend.name)) backend.recordMissedWrap();
       this.metrics.encryptWraps.observe(copies.length);
       if (missing.length > 0) this.metrics.underWrapped.inc();
       return { ciphertext, annotations: placement.annotations, wrappedBy, missing: missing.map((b) => b.name) };
@@ -127,78 +141,166 @@ export class WrapEngine {
   }
 
   /**
-   * Refuse a KMS v2 plaintext that could not fit 1024 bytes even with the smallest
-   * quorum of copies all moved to annotations, before paying for any (billed) wrap.
-   * placeCopies still makes the exact check once the copies exist.
+   * Who an Encrypt asks first: the backends not known to be down. The others (the
+   * reserve) are started too, within the same deadline, as soon as the calls under way
+   * can no longer reach quorum: a breaker refuses instantly, and a backend marked down
+   * by one slow probe may answer.
    */
-  private checkFitsV2(plaintextLength: number): void {
-    const smallest = this.backends
-      .map((b) => ({ backendName: b.name, keyVersion: b.knownKeyVersion ?? 'x', wrapped: new Uint8Array(0), location: 'annotation' as const }))
-      .sort((a, b) => envelopeSize([a], 0) - envelopeSize([b], 0))
-      .slice(0, this.settings.quorum);
-    if (envelopeSize(smallest, plaintextLength) > V2_MAX_CIPHERTEXT_BYTES) {
-      throw new TrousseauError('INVALID_INPUT', `plaintext of ${plaintextLength} bytes does not fit a KMS v2 ciphertext of ${V2_MAX_CIPHERTEXT_BYTES} bytes`);
-    }
+  private encryptPlan(): { first: GuardedBackend[]; reserve: GuardedBackend[] } {
+    const usable = this.backends.filter((b) => b.usable);
+    const first = usable.length >= this.settings.quorum ? usable : [...this.backends];
+    return { first, reserve: this.backends.filter((b) => !first.includes(b)) };
   }
 
-  private wrapWithQuorum(dataKey: Buffer, envelopeId: Buffer, callerSignal: AbortSignal): Promise<WrappedCopy[]> {
+  /**
+   * Whether a KMS v2 ciphertext with a copy from each of `names` could fit 1024 bytes
+   * (all copies moved to annotations, the smallest header they can have). Checked
+   * against the copies actually requested, before paying for any (billed) wrap;
+   * placeCopies still makes the exact check once the copies exist.
+   */
+  private fitsV2(plaintextLength: number, names: readonly string[]): boolean {
+    const entries = names.map((name) => ({
+      backendName: name,
+      keyVersion: this.byName.get(name)?.knownKeyVersion ?? 'x',
+      wrapped: new Uint8Array(0),
+      location: 'annotation' as const,
+    }));
+    return envelopeSize(entries, plaintextLength) <= V2_MAX_CIPHERTEXT_BYTES;
+  }
+
+  /**
+   * Wrap with `first` (and spares from `reserve` when `first` can no longer reach
+   * quorum); `fits` says whether the copies of a set of backends could be placed.
+   * `notStarted`: backends whose wrap never reached them (refused by admission control
+   * or still waiting for a slot when the Encrypt ended).
+   */
+  private wrapWithQuorum(
+    first: readonly GuardedBackend[],
+    spares: readonly GuardedBackend[],
+    fits: (names: readonly string[]) => boolean,
+    dataKey: Buffer,
+    envelopeId: Buffer,
+    callerSignal: AbortSignal,
+  ): Promise<{ copies: WrappedCopy[]; notStarted: Set<string> }> {
     const { quorum, encryptDeadlineMs, stragglerGraceMs } = this.settings;
-    // Start with the backends not known to be down. The others are started too, within
-    // the same deadline, as soon as the calls under way can no longer reach quorum: a
-    // breaker refuses instantly, and a backend marked down by one slow probe may answer.
-    const usable = this.backends.filter((b) => b.usable);
-    const first = usable.length >= quorum ? usable : this.backends;
-    const reserve = this.backends.filter((b) => !first.includes(b));
+    const reserve = [...spares];
     const abandon = linkedSignal([callerSignal], encryptDeadlineMs, ENCRYPT_DEADLINE);
     const signal = abandon.signal;
+    const deadlineAt = Date.now() + encryptDeadlineMs;
 
-    return new Promise<WrappedCopy[]>((resolve, reject) => {
+    return new Promise((resolve, reject) => {
       const copies: WrappedCopy[] = [];
       const errors: { backend: string; code: ErrorCode }[] = [];
+      const notStarted = new Set<string>();
+      /** Wraps under way (calls, backend names), and which of them still wait for a slot here. */
+      const pending = new Set<Promise<unknown>>();
+      const inProgress = new Set<string>();
+      const waitingForSlot = new Set<string>();
+      /** performance.now() at which each wrap under way got its slot here. */
+      const admittedAt = new Map<string, number>();
       let started = 0;
       let settled = 0;
       let graceTimer: NodeJS.Timeout | undefined;
+      let quorumAt: number | undefined;
       let done = false;
+
+      const decide = () => {
+        if (copies.length >= quorum) {
+          // Header order follows the configuration, not arrival, so envelopes are comparable.
+          const order = new Map(this.backends.map((b, i) => [b.name, i]));
+          copies.sort((a, b) => order.get(a.backendName)! - order.get(b.backendName)!);
+          resolve({ copies, notStarted });
+          return;
+        }
+        const detail = errors.map((e) => `${e.backend}: ${e.code}`).join(', ');
+        const overloaded = errors.some((e) => e.code === 'OVERLOADED');
+        reject(
+          new TrousseauError(
+            overloaded ? 'OVERLOADED' : 'QUORUM_NOT_MET',
+            `${overloaded ? 'overloaded: ' : ''}only ${copies.length} of ${quorum} required backends wrapped the key (${detail || 'none reachable'})`,
+          ),
+        );
+      };
 
       const finish = () => {
         if (done) return;
         done = true;
         clearTimeout(graceTimer);
         abandon.abort(ENCRYPT_FINISHED);
-        if (copies.length >= quorum) {
-          // Header order follows the configuration, not arrival, so envelopes are comparable.
-          const order = new Map(this.backends.map((b, i) => [b.name, i]));
-          copies.sort((a, b) => order.get(a.backendName)! - order.get(b.backendName)!);
-          resolve(copies);
-        } else {
-          const detail = errors.map((e) => `${e.backend}: ${e.code}`).join(', ');
-          reject(new TrousseauError('QUORUM_NOT_MET', `only ${copies.length} of ${quorum} required backends wrapped the key (${detail || 'none reachable'})`));
-        }
+        // Aborted calls settle at once (GuardedBackend never waits on a backend past an
+        // abort); waiting for them tells which missing copies never reached their backend.
+        void Promise.allSettled(pending).then(decide);
+      };
+
+      /**
+       * The straggler grace counts a backend's own time: it runs from quorum, or from
+       * when a wrap still waiting for a slot here got one, whichever is later. A wrap
+       * is never abandoned for time it spent in our queue (within the deadline), or the
+       * envelope would lack its copy because of our own load. (With a grace of 0 a
+       * wrap admitted after quorum is abandoned at once, like any straggler.)
+       */
+      const armGrace = () => {
+        clearTimeout(graceTimer);
+        if (done || quorumAt === undefined || waitingForSlot.size > 0) return; // re-armed at the next admission
+        const youngest = Math.max(quorumAt, ...admittedAt.values());
+        const left = youngest + stragglerGraceMs - performance.now();
+        if (left <= 0) finish();
+        else graceTimer = setTimeout(armGrace, left);
+      };
+      const onAdmitted = (name: string) => {
+        waitingForSlot.delete(name);
+        admittedAt.set(name, performance.now());
+        armGrace();
       };
 
       const start = (backend: GuardedBackend) => {
         started++;
-        backend
-          .wrap(dataKey, { envelopeId, backendName: backend.name }, signal)
+        inProgress.add(backend.name);
+        waitingForSlot.add(backend.name);
+        const call = backend
+          .wrap(dataKey, { envelopeId, backendName: backend.name }, signal, { deadlineAt, onAdmitted: () => onAdmitted(backend.name) })
           .then(
             ({ wrapped, keyVersion }) => {
+              inProgress.delete(backend.name);
               if (done) return;
               copies.push({ backendName: backend.name, keyVersion, wrapped });
-              if (copies.length === quorum && stragglerGraceMs > 0 && this.backends.length > quorum) {
-                graceTimer = setTimeout(finish, stragglerGraceMs);
+              if (copies.length === quorum && this.backends.length > quorum) {
+                quorumAt = performance.now();
+                armGrace();
               }
             },
             (error: unknown) => {
+              inProgress.delete(backend.name);
+              const code = errorCodeOf(error);
+              if (code === 'OVERLOADED') notStarted.add(backend.name);
               if (done) return;
-              errors.push({ backend: backend.name, code: errorCodeOf(error) });
-              const stillRunning = started - settled - 1;
-              if (copies.length + stillRunning < quorum) for (const spare of reserve.splice(0)) start(spare);
+              errors.push({ backend: backend.name, code });
+              if (copies.length + inProgress.size < quorum) startSpares();
             },
           )
           .finally(() => {
+            inProgress.delete(backend.name);
+            const wasWaiting = waitingForSlot.delete(backend.name);
+            admittedAt.delete(backend.name);
+            pending.delete(call);
+            if (wasWaiting) armGrace();
             settled++;
-            if (settled === started || (copies.length >= quorum && stragglerGraceMs === 0)) finish();
+            if (settled === started) finish();
           });
+        pending.add(call);
+      };
+
+      // A spare is started only if its copy could still be placed next to every copy
+      // that may yet arrive: a wrap whose copy cannot fit is a billed call for nothing.
+      // One that does not fit now stays in reserve for the next failure.
+      const startSpares = () => {
+        const mayArrive = [...copies.map((c) => c.backendName), ...inProgress];
+        for (const spare of [...reserve]) {
+          if (!fits([...mayArrive, spare.name])) continue;
+          reserve.splice(reserve.indexOf(spare), 1);
+          mayArrive.push(spare.name);
+          start(spare);
+        }
       };
 
       signal.addEventListener('abort', finish, { once: true });
@@ -259,6 +361,7 @@ export class WrapEngine {
   ): Promise<DecryptResult> {
     const won = linkedSignal([callerSignal], this.settings.decryptDeadlineMs, DECRYPT_DEADLINE);
     const signal = won.signal;
+    const deadlineAt = Date.now() + this.settings.decryptDeadlineMs;
     const failures: { backend: string; code: ErrorCode }[] = [];
 
     return new Promise<DecryptResult>((resolve, reject) => {
@@ -286,8 +389,16 @@ export class WrapEngine {
         const detail = failures.map((f) => `${f.backend}: ${f.code}`).join(', ');
         // Every copy refused for a reason retrying cannot fix => the envelope is the problem.
         const permanent = failures.length > 0 && failures.every((f) => f.code === 'BACKEND_REJECTED' || f.code === 'TAMPERED');
-        const code: ErrorCode = permanent ? (failures.some((f) => f.code === 'TAMPERED') ? 'TAMPERED' : 'BACKEND_REJECTED') : 'NO_COPY_UNWRAPPED';
-        settle({ error: new TrousseauError(code, `no wrapped copy could be unwrapped (${detail})`) });
+        // A copy our own admission control kept from its backend: the refusal is ours, say so.
+        const overloaded = !permanent && failures.some((f) => f.code === 'OVERLOADED');
+        const code: ErrorCode = permanent
+          ? failures.some((f) => f.code === 'TAMPERED')
+            ? 'TAMPERED'
+            : 'BACKEND_REJECTED'
+          : overloaded
+            ? 'OVERLOADED'
+            : 'NO_COPY_UNWRAPPED';
+        settle({ error: new TrousseauError(code, `${overloaded ? 'overloaded: ' : ''}no wrapped copy could be unwrapped (${detail})`) });
       };
 
       const onAbort = () => {
@@ -321,7 +432,7 @@ export class WrapEngine {
         }
         const onRaceAbort = () => attempt.controller.abort(signal.reason);
         signal.addEventListener('abort', onRaceAbort, { once: true });
-        this.attempt(envelope, copy, backend, attemptSignal).finally(() => {
+        this.attempt(envelope, copy, backend, attemptSignal, deadlineAt).finally(() => {
           attemptsInFlight.delete(attempt);
           signal.removeEventListener('abort', onRaceAbort);
         }).then(
@@ -348,8 +459,14 @@ export class WrapEngine {
   }
 
   /** Unwrap one copy, check the commitment in constant time, then open the payload. */
-  private async attempt(envelope: ParsedEnvelope, copy: CopyEntry & { wrapped: Uint8Array }, backend: GuardedBackend, signal: AbortSignal): Promise<Buffer> {
-    const dataKey = await backend.unwrap(copy.wrapped, copy.keyVersion, { envelopeId: envelope.envelopeId, backendName: backend.name }, signal);
+  private async attempt(
+    envelope: ParsedEnvelope,
+    copy: CopyEntry & { wrapped: Uint8Array },
+    backend: GuardedBackend,
+    signal: AbortSignal,
+    deadlineAt?: number,
+  ): Promise<Buffer> {
+    const dataKey = await backend.unwrap(copy.wrapped, copy.keyVersion, { envelopeId: envelope.envelopeId, backendName: backend.name }, signal, { deadlineAt });
     // The guard checked it is exactly 32 bytes; one HKDF extract serves both derivations.
     const keys = new EnvelopeKeys(dataKey, envelope.envelopeId);
     try {
@@ -382,7 +499,7 @@ export class WrapEngine {
     signal: AbortSignal,
     minCopies = this.settings.quorum,
   ): Promise<{ encrypted: EncryptResult | undefined; failures: Map<string, ErrorCode> }> {
-    if (transport === 'v2') this.checkFitsV2(plaintext.length);
+    if (transport === 'v2' && !this.fitsV2(plaintext.length, this.backends.map((b) => b.name))) throw tooLargeForV2(plaintext.length);
     const dataKey = newDataKey();
     const envelopeId = newEnvelopeId();
     try {

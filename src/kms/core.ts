@@ -1,4 +1,5 @@
 /** What the gRPC layer needs from the plugin: the KMS operations, nothing about backends. */
+import type { Admission } from '../engine/admission.ts';
 import type { Transport } from '../envelope/placement.ts';
 
 export interface KmsStatus {
@@ -14,6 +15,8 @@ export interface KmsEncrypted {
 }
 
 export interface KmsCore {
+  /** Bound on Encrypt and Decrypt calls in flight and waiting; absent: unbounded. */
+  readonly admission?: Admission;
   /** Throws (-> a gRPC error) when no backend can serve or no key_id may be announced, so the apiserver stops rotating. */
   status(): KmsStatus;
   encrypt(plaintext: Buffer, transport: Transport, signal: AbortSignal, uid?: string): Promise<KmsEncrypted>;

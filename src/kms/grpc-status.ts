@@ -18,6 +18,7 @@ export const GRPC_STATUS_BY_CODE: Record<ErrorCode, status> = {
   CANCELLED: status.CANCELLED,
   CONFIG: status.INTERNAL,
   SHUTTING_DOWN: status.UNAVAILABLE,
+  OVERLOADED: status.UNAVAILABLE,
   INTERNAL: status.INTERNAL,
 };
 

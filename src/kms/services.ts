@@ -5,10 +5,12 @@
  */
 import type * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import type { Slot } from '../engine/admission.ts';
 import { TrousseauError, errorCodeOf } from '../errors.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import type { KmsCore } from './core.ts';
 import { grpcCodeName, toGrpcError } from './grpc-status.ts';
+import { MALFORMED_REQUEST } from './proto.ts';
 import type * as T from './types.ts';
 import { checkAnnotations, checkCiphertext, checkKeyId, checkPlaintext, checkV1Version, safeUid } from './validate.ts';
 
@@ -24,19 +26,24 @@ interface HandlerContext {
   inFlight: Set<Promise<unknown>>;
 }
 
-/** An AbortSignal that fires when the client cancels or the call's deadline passes. */
-function callSignal(call: grpc.ServerUnaryCall<unknown, unknown>): { signal: AbortSignal; dispose: () => void } {
+/**
+ * An AbortSignal that fires when the client cancels or the call's deadline passes, and
+ * the deadline itself (Date.now() time; undefined without one).
+ */
+function callSignal(call: grpc.ServerUnaryCall<unknown, unknown>): { signal: AbortSignal; deadlineAt: number | undefined; dispose: () => void } {
   const controller = new AbortController();
   const onCancel = () => controller.abort(new Error('client cancelled'));
   call.on('cancelled', onCancel);
   let timer: NodeJS.Timeout | undefined;
   const deadline = call.getDeadline();
   const deadlineMs = deadline instanceof Date ? deadline.getTime() : Number(deadline);
-  if (Number.isFinite(deadlineMs) && deadlineMs > 0) {
+  const hasDeadline = Number.isFinite(deadlineMs) && deadlineMs > 0;
+  if (hasDeadline) {
     timer = setTimeout(() => controller.abort(new Error('deadline passed')), Math.max(0, deadlineMs - Date.now()));
   }
   return {
     signal: controller.signal,
+    deadlineAt: hasDeadline ? deadlineMs : undefined,
     dispose: () => {
       clearTimeout(timer);
       call.removeListener('cancelled', onCancel);
@@ -44,19 +51,39 @@ function callSignal(call: grpc.ServerUnaryCall<unknown, unknown>): { signal: Abo
   };
 }
 
+const OVERLOAD_WARNING_INTERVAL_MS = 10_000;
+const lastOverloadWarning = new WeakMap<HandlerContext, number>();
+
+function overloadWarningDue(ctx: HandlerContext): boolean {
+  const now = Date.now();
+  if (now - (lastOverloadWarning.get(ctx) ?? 0) < OVERLOAD_WARNING_INTERVAL_MS) return false;
+  lastOverloadWarning.set(ctx, now);
+  return true;
+}
+
+/** Encrypt and Decrypt wait for an admission slot; Status, Version and admin calls never do. */
+type Admit = 'admit' | 'always';
+
 function unary<Req, Res>(
   ctx: HandlerContext,
   api: Api,
   method: string,
   body: (request: Req, signal: AbortSignal, uid: string | undefined) => Promise<Res> | Res,
+  admit: Admit = 'always',
 ): grpc.handleUnaryCall<Req, Res> {
   return (call, callback) => {
     const started = performance.now();
-    const { signal, dispose } = callSignal(call);
-    const uid = safeUid((call.request as { uid?: string }).uid);
+    const { signal, deadlineAt, dispose } = callSignal(call);
+    const request = call.request as Req | typeof MALFORMED_REQUEST;
+    const uid = request === MALFORMED_REQUEST ? undefined : safeUid((request as { uid?: string }).uid);
     const work = (async () => {
+      let slot: Slot | undefined;
       try {
-        const response = await body(call.request, signal, uid);
+        if (request === MALFORMED_REQUEST) throw new TrousseauError('INVALID_INPUT', `request is not a valid ${method} message`);
+        // Queued time is the caller's, not a backend's: the engine's deadlines and every
+        // backend clock start after this. A call that cannot make its deadline is refused here.
+        if (admit === 'admit' && ctx.core.admission) slot = await ctx.core.admission.acquire(signal, deadlineAt);
+        const response = await body(request, signal, uid);
         ctx.metrics.kmsRequests.inc({ api, method, code: 'OK' });
         ctx.logger.debug({ api, method, uid, ms: Math.round(performance.now() - started) }, 'kms call');
         callback(null, response);
@@ -64,11 +91,14 @@ function unary<Req, Res>(
         const grpcError = toGrpcError(error);
         const code = grpcCodeName(grpcError.code!);
         ctx.metrics.kmsRequests.inc({ api, method, code });
-        const level = code === 'INVALID_ARGUMENT' ? 'info' : 'warn';
-        ctx.logger[level]({ api, method, uid, code, error: errorCodeOf(error), details: grpcError.details }, 'kms call failed');
+        const errorCode = errorCodeOf(error);
+        // Refusals under overload come by the thousand: one warning per interval, the rest at debug.
+        const level = code === 'INVALID_ARGUMENT' ? 'info' : errorCode === 'OVERLOADED' && !overloadWarningDue(ctx) ? 'debug' : 'warn';
+        ctx.logger[level]({ api, method, uid, code, error: errorCode, details: grpcError.details }, 'kms call failed');
         if (errorCodeOf(error) === 'INTERNAL') ctx.logger.error({ err: error }, 'internal error');
         callback(grpcError, null);
       } finally {
+        slot?.release();
         dispose();
         ctx.metrics.kmsLatency.observe({ api, method }, (performance.now() - started) / 1000);
       }
@@ -94,13 +124,13 @@ export function v2Handlers(ctx: HandlerContext): grpc.UntypedServiceImplementati
       const plaintext = checkPlaintext(request.plaintext);
       const result = await ctx.core.encrypt(plaintext, 'v2', signal, uid);
       return { ciphertext: result.ciphertext, key_id: result.keyId, annotations: toRecord(result.annotations) };
-    }),
+    }, 'admit'),
     Decrypt: unary<T.V2DecryptRequest, T.V2DecryptResponse>(ctx, 'v2', 'Decrypt', async (request, signal, uid) => {
       const ciphertext = checkCiphertext(request.ciphertext);
       checkKeyId(request.key_id);
       const annotations = checkAnnotations(request.annotations);
       return { plaintext: await ctx.core.decrypt(ciphertext, annotations, signal, uid) };
-    }),
+    }, 'admit'),
   };
 }
 
@@ -115,11 +145,11 @@ export function v1Handlers(ctx: HandlerContext): grpc.UntypedServiceImplementati
       checkV1Version(request.version);
       const plaintext = checkPlaintext(request.plain);
       return { cipher: (await ctx.core.encrypt(plaintext, 'v1', signal)).ciphertext };
-    }),
+    }, 'admit'),
     Decrypt: unary<T.V1DecryptRequest, T.V1DecryptResponse>(ctx, 'v1beta1', 'Decrypt', async (request, signal) => {
       checkV1Version(request.version);
       return { plain: await ctx.core.decrypt(checkCiphertext(request.cipher), new Map(), signal) };
-    }),
+    }, 'admit'),
   };
 }
 

@@ -9,7 +9,15 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
 export type BackendOperation = 'wrap' | 'unwrap' | 'key_version';
-export type BackendOutcome = 'success' | 'rejected' | 'unavailable' | 'timeout' | 'breaker_open' | 'cancelled' | 'invalid_result';
+export type BackendOutcome = 'success' | 'rejected' | 'unavailable' | 'timeout' | 'breaker_open' | 'cancelled' | 'invalid_result' | 'shed';
+
+export type AdmissionStage = 'kms' | 'backend';
+
+/** What the admission gauges read at scrape time (engine/admission.ts). */
+export interface AdmissionSource {
+  readonly inFlight: number;
+  readonly queued: number;
+}
 
 export class Metrics {
   readonly registry = new Registry();
@@ -174,6 +182,45 @@ export class Metrics {
     labelNames: ['backend'] as const,
     registers: [this.registry],
   });
+
+  /**
+   * Admission queues: stage "kms" (every Encrypt and Decrypt; backend label empty) or
+   * "backend" (calls to one backend, by its configured name).
+   */
+  private readonly admissionSources = new Map<string, { stage: AdmissionStage; backend: string; source: AdmissionSource }>();
+
+  readonly overloadShed = new Counter({
+    name: 'trousseau_overload_shed_total',
+    help: 'Calls refused by admission control before any work, by stage (kms, backend), backend and reason (queue_full, deadline, wait_timeout).',
+    labelNames: ['stage', 'backend', 'reason'] as const,
+    registers: [this.registry],
+  });
+
+  readonly admissionQueued = new Gauge({
+    name: 'trousseau_admission_queued',
+    help: 'Calls waiting for an admission slot, by stage (kms, backend) and backend.',
+    labelNames: ['stage', 'backend'] as const,
+    registers: [this.registry],
+    collect: () => this.readAdmission('queued'),
+  });
+
+  readonly admissionInFlight = new Gauge({
+    name: 'trousseau_admission_in_flight',
+    help: 'Calls holding an admission slot, by stage (kms, backend) and backend.',
+    labelNames: ['stage', 'backend'] as const,
+    registers: [this.registry],
+    collect: () => this.readAdmission('inFlight'),
+  });
+
+  /** Report `source`'s depths at every scrape (nothing is recorded per call). */
+  trackAdmission(stage: AdmissionStage, backend: string, source: AdmissionSource): void {
+    this.admissionSources.set(`${stage}/${backend}`, { stage, backend, source });
+  }
+
+  private readAdmission(field: 'queued' | 'inFlight'): void {
+    const gauge = field === 'queued' ? this.admissionQueued : this.admissionInFlight;
+    for (const { stage, backend, source } of this.admissionSources.values()) gauge.set({ stage, backend }, source[field]);
+  }
 
   constructor(options: { processMetrics?: boolean } = {}) {
     if (options.processMetrics) collectDefaultMetrics({ register: this.registry, prefix: 'trousseau_' });

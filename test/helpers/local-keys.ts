@@ -53,7 +53,12 @@ export function guardedLocal(name: string, keyFile: string, previousKeyFiles: st
   const guarded = new GuardedBackend(
     backend,
     // A long timeout: these tests check what is refused, not latency, on shared busy cores.
-    { timeoutMs: 30_000, priority: 100, breaker: { errorThresholdPercentage: 50, volumeThreshold: 5, rollingWindowMs: 10_000, resetTimeoutMs: 60_000 } },
+    {
+      timeoutMs: 30_000,
+      priority: 100,
+      breaker: { errorThresholdPercentage: 50, volumeThreshold: 5, rollingWindowMs: 10_000, resetTimeoutMs: 60_000 },
+      admission: { maxInFlight: 32, maxQueued: 256, maxWaitMs: 1000 },
+    },
     metrics,
     log.logger,
   );

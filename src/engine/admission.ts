@@ -1,0 +1,175 @@
+/**
+ * Admission control: a bounded semaphore with a bounded FIFO wait queue that refuses
+ * early and explicitly instead of letting work pile up.
+ *
+ * One instance guards all KMS calls (kms/services.ts) and one guards each backend
+ * (GuardedBackend), so in-flight work is bounded in total and per backend. A call
+ * either gets a slot at once, waits its turn in FIFO order, or is refused with an
+ * OVERLOADED error (gRPC UNAVAILABLE, "overloaded: ...") when:
+ *
+ * - the queue is full (`queue_full`), at once;
+ * - it could not start in time to finish before its deadline (`deadline`): at once
+ *   when the wait the queue ahead of it implies already passes that point, or when
+ *   that point passes while it waits;
+ * - it waited `maxWaitMs` (`wait_timeout`).
+ *
+ * "In time" uses what the guarded work has recently taken (p90 of the slot hold
+ * times), so a call is never started that the caller will have given up on before
+ * it can finish. Refused calls cost a few comparisons: no backend call, no crypto.
+ * The time a call spends waiting here is not part of any backend's timeout, breaker
+ * or latency: those clocks start once the slot is granted.
+ */
+import { TrousseauError } from '../errors.ts';
+import { LatencyWindow } from './latency.ts';
+
+export interface AdmissionLimits {
+  /** Calls running at once. */
+  maxInFlight: number;
+  /** Calls waiting for a slot; one more is refused at once. */
+  maxQueued: number;
+  /** Longest a call waits for a slot, in milliseconds. */
+  maxWaitMs: number;
+}
+
+export type ShedReason = 'queue_full' | 'deadline' | 'wait_timeout';
+
+export interface AdmissionObserver {
+  /** A call was refused (depths are read from `inFlight` / `queued` when needed). */
+  shed(reason: ShedReason): void;
+}
+
+/** A granted slot; `release()` once the work is over (idempotent). */
+export interface Slot {
+  release(): void;
+}
+
+/** Time left for answering the refusal itself once a call is known not to make it. */
+const ANSWER_RESERVE_MS = 50;
+/** Hold times needed before the p90 is trusted for the deadline check. */
+const MIN_SAMPLES = 16;
+
+interface Waiter {
+  grant: (slot: Slot) => void;
+  refuse: (error: TrousseauError) => void;
+  /** performance.now() after which the call cannot finish in time. */
+  latestStart: number;
+}
+
+export class Admission {
+  /** What the refusals name: "kms" or the backend's name. */
+  readonly name: string;
+  private readonly limits: AdmissionLimits;
+  private readonly observer: AdmissionObserver | undefined;
+  private readonly holdTimes = new LatencyWindow();
+  private running = 0;
+  private readonly queue: Waiter[] = [];
+
+  constructor(name: string, limits: AdmissionLimits, observer?: AdmissionObserver) {
+    this.name = name;
+    this.limits = limits;
+    this.observer = observer;
+  }
+
+  get inFlight(): number {
+    return this.running;
+  }
+
+  get queued(): number {
+    return this.queue.length;
+  }
+
+  /** Recent time a slot is held (p90, ms); 0 until enough calls finished. */
+  get expectedHoldMs(): number {
+    return this.holdTimes.size >= MIN_SAMPLES ? this.holdTimes.percentile(90)! : 0;
+  }
+
+  /**
+   * A slot, or an OVERLOADED refusal. `deadlineAt` (Date.now() time, optional) is when
+   * the caller stops waiting for the whole call; `signal` ends the wait early (the
+   * caller left), which also rejects with OVERLOADED: the work never started.
+   */
+  acquire(signal?: AbortSignal, deadlineAt?: number): Promise<Slot> {
+    const now = performance.now();
+    const answerBy = deadlineAt === undefined ? Infinity : now + (deadlineAt - Date.now()) - ANSWER_RESERVE_MS;
+    const latestStart = answerBy - this.expectedHoldMs;
+    if (signal?.aborted) return Promise.reject(this.abandoned(signal));
+    if (answerBy <= now) return Promise.reject(this.refuse('deadline'));
+    // A free slot is always taken (unless the caller is as good as gone): were calls
+    // refused on the estimate alone while nothing runs, no call would ever finish to
+    // bring a stale estimate down again.
+    if (this.running < this.limits.maxInFlight && this.queue.length === 0) return Promise.resolve(this.grant());
+    if (latestStart <= now) return Promise.reject(this.refuse('deadline'));
+    if (this.queue.length >= this.limits.maxQueued) return Promise.reject(this.refuse('queue_full'));
+    // The wait the calls ahead imply: each round of maxInFlight calls holds its slots about expectedHoldMs.
+    const expectedWait = Math.ceil((this.queue.length + 1) / this.limits.maxInFlight) * this.expectedHoldMs;
+    if (now + expectedWait > latestStart) return Promise.reject(this.refuse('deadline'));
+    return this.enqueue(now, latestStart, signal);
+  }
+
+  private enqueue(now: number, latestStart: number, signal: AbortSignal | undefined): Promise<Slot> {
+    return new Promise<Slot>((resolve, reject) => {
+      const giveUpAt = Math.min(latestStart, now + this.limits.maxWaitMs);
+      const leave = () => {
+        clearTimeout(timer);
+        signal?.removeEventListener('abort', onAbort);
+        const index = this.queue.indexOf(waiter);
+        if (index >= 0) this.queue.splice(index, 1);
+      };
+      const waiter: Waiter = {
+        latestStart,
+        grant: (slot) => {
+          leave();
+          resolve(slot);
+        },
+        refuse: (error) => {
+          leave();
+          reject(error);
+        },
+      };
+      const timer = setTimeout(() => waiter.refuse(this.refuse(giveUpAt === latestStart ? 'deadline' : 'wait_timeout')), giveUpAt - now);
+      const onAbort = () => waiter.refuse(this.abandoned(signal!));
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.queue.push(waiter);
+    });
+  }
+
+  private grant(): Slot {
+    this.running++;
+    const granted = performance.now();
+    let released = false;
+    return {
+      release: () => {
+        if (released) return;
+        released = true;
+        this.running--;
+        this.holdTimes.record(performance.now() - granted);
+        this.next();
+      },
+    };
+  }
+
+  /** Hand freed slots to the oldest waiters that can still finish in time. */
+  private next(): void {
+    while (this.running < this.limits.maxInFlight && this.queue.length > 0) {
+      const waiter = this.queue[0]!;
+      if (performance.now() > waiter.latestStart) waiter.refuse(this.refuse('deadline'));
+      else waiter.grant(this.grant());
+    }
+  }
+
+  private refuse(reason: ShedReason): TrousseauError {
+    this.observer?.shed(reason);
+    const load = `${this.running} calls in flight, ${this.queue.length} waiting`;
+    const why =
+      reason === 'queue_full'
+        ? 'the wait queue is full'
+        : reason === 'deadline'
+          ? 'the call could not finish before its deadline'
+          : `no slot within ${this.limits.maxWaitMs} ms`;
+    return new TrousseauError('OVERLOADED', `overloaded (${this.name}): ${load}; ${why}, retry later`);
+  }
+
+  private abandoned(signal: AbortSignal): TrousseauError {
+    return new TrousseauError('OVERLOADED', `call left the ${this.name} wait queue before it started`, { cause: signal.reason });
+  }
+}

@@ -1,0 +1,138 @@
+/**
+ * Overload (issue 10, item 6): bursts far beyond what the plugin can serve are refused
+ * early and explicitly (UNAVAILABLE, "overloaded"), a refused call costs no backend
+ * call, time spent waiting inside the plugin never counts against a backend (no
+ * timeout, no breaker trip, no missed wrap), and the key_id does not move.
+ *
+ * The backends are real local key backends behind PooledBackend: a bounded
+ * connection pool with FIFO queueing inside the backend, as an SDK's HTTP agent has.
+ * Only the default overload settings are used.
+ */
+import test from 'ava';
+import { status } from '@grpc/grpc-js';
+import { call } from '../../src/cli/client.ts';
+import { parseEnvelope } from '../../src/envelope/format.ts';
+import type * as T from '../../src/kms/types.ts';
+import { eventually } from '../helpers/plugin-harness.ts';
+import { outcome, startRig, type Outcome, type Rig } from './overload-rig.ts';
+
+const OVERLOADED = /overloaded/;
+
+function isRefusal(o: Outcome): boolean {
+  return o.code === status.UNAVAILABLE && OVERLOADED.test(o.details);
+}
+
+function v1Encrypt(rig: Rig, i: number, deadlineMs = 3000): Promise<T.V1EncryptResponse> {
+  return call<T.V1EncryptRequest, T.V1EncryptResponse>(rig.clients.v1, 'Encrypt', { version: 'v1beta1', plain: Buffer.from(`secret ${i}`) }, deadlineMs);
+}
+
+function v2Encrypt(rig: Rig, i: number, deadlineMs = 3000): Promise<T.V2EncryptResponse> {
+  return call<T.V2EncryptRequest, T.V2EncryptResponse>(rig.clients.v2, 'Encrypt', { plaintext: Buffer.from(`seed ${i}`), uid: `u${i}` }, deadlineMs);
+}
+
+/** Everything the issue says must hold after a burst: breakers closed, no backend timeout, key_id as before. */
+async function assertUnharmed(t: import('ava').ExecutionContext, rig: Rig, keyIdBefore: string): Promise<void> {
+  const admin = await rig.admin();
+  t.deepEqual(
+    admin.backends.map((b) => [b.name, b.breaker]),
+    admin.backends.map((b) => [b.name, 'closed']),
+    'a healthy backend\'s breaker opened',
+  );
+  t.is(await rig.counter('trousseau_backend_requests_total', { outcome: 'timeout' }), 0, 'time spent waiting counted as a backend timeout');
+  t.false(admin.partial, `key_id went partial (missing ${admin.missing.join(', ')})`);
+  t.is((await rig.status()).key_id, keyIdBefore, 'the key_id changed');
+}
+
+test.serial('600 concurrent v1 Encrypts beyond the backends\' connection pools: only OK or "overloaded", breakers closed, key_id unchanged', async (t) => {
+  // 32 connections per backend (the per-backend default bound, below the AWS SDK's 50),
+  // 20 ms each; 150 ms timeout. Calls queued inside the backend for a connection would
+  // pass that timeout: the plugin must do the queueing itself, off the backend's clock.
+  const rig = await startRig(t, { connections: 32, serviceMs: 20, timeoutMs: 150 });
+  const keyIdBefore = (await rig.status()).key_id;
+  // A generous client deadline: this test is about the backends' clocks, and the
+  // client shares the machine (and here the process) with the plugin.
+  const outcomes = await Promise.all(Array.from({ length: 600 }, (_, i) => outcome(v1Encrypt(rig, i, 10_000))));
+  const ok = outcomes.filter((o) => o.code === status.OK).length;
+  const unexpected = outcomes.filter((o) => o.code !== status.OK && !isRefusal(o));
+  t.deepEqual(unexpected.slice(0, 3), [], `${unexpected.length} calls failed with something other than an overload refusal`);
+  t.true(ok > 0, 'nothing succeeded');
+  await assertUnharmed(t, rig, keyIdBefore);
+  for (const b of rig.backends) t.is(b.peakQueued, 0, `calls queued inside backend ${b.name}, on its timeout clock`);
+});
+
+// The Encrypt deadline at its maximum (2.9 s): a loaded machine may take a while to send the burst.
+const PATIENT = { encrypt: { deadlineMs: 2900 } };
+
+test.serial('a burst beyond the admission bound is refused at once, explicitly, and refused calls never reach a backend', async (t) => {
+  const rig = await startRig(t, { connections: 10_000, serviceMs: 0, config: PATIENT });
+  const keyIdBefore = (await rig.status()).key_id;
+  for (const b of rig.backends) b.gate(); // nothing admitted can finish until the gate opens
+  const total = 240;
+  let refused = 0;
+  const calls = Array.from({ length: total }, (_, i) =>
+    outcome(v2Encrypt(rig, i, 5000)).then((o) => {
+      if (isRefusal(o)) refused++;
+      return o;
+    }),
+  );
+  // 32 in flight + 128 waiting by default: the other 80 are refused while every
+  // admitted call is still held at the backends, i.e. without waiting for any work.
+  await eventually(() => (refused >= 80 ? true : undefined), 10_000).catch(() => t.fail(`only ${refused} of ${total} calls were refused while the backends were held`));
+  for (const b of rig.backends) t.true(b.peakInside <= 32, `backend ${b.name} had ${b.peakInside} calls at once (bound 32)`);
+  for (const b of rig.backends) b.open();
+  const outcomes = await Promise.all(calls);
+  const ok = outcomes.filter((o) => o.code === status.OK).length;
+  const unexpected = outcomes.filter((o) => o.code !== status.OK && !isRefusal(o));
+  t.deepEqual(unexpected.slice(0, 3), [], `${unexpected.length} calls failed with something other than an overload refusal`);
+  t.is(ok + outcomes.filter(isRefusal).length, total);
+  // Every wrap belongs to a call that succeeded: a refused call cost no backend call.
+  for (const b of rig.backends) t.is(b.arrived.wrap, ok, `backend ${b.name}: ${b.arrived.wrap} wraps for ${ok} successful Encrypts`);
+  t.true((await rig.counter('trousseau_overload_shed_total')) >= 80, 'shed calls are not counted');
+  t.true(
+    (await rig.counter('trousseau_kms_requests_total', { method: 'Encrypt', code: 'UNAVAILABLE' })) >= 80,
+    'refusals are missing from the request metrics',
+  );
+  await assertUnharmed(t, rig, keyIdBefore);
+});
+
+test.serial('a call that can no longer finish before its deadline is refused before any backend call, not timed out', async (t) => {
+  const rig = await startRig(t, { connections: 10_000, serviceMs: 0, config: PATIENT });
+  const keyIdBefore = (await rig.status()).key_id;
+  for (const b of rig.backends) b.gate();
+  // Take every KMS slot with calls held at the backends.
+  const holders = Array.from({ length: 32 }, (_, i) => outcome(v2Encrypt(rig, i, 5000)));
+  await eventually(() => (rig.backends.every((b) => b.arrived.wrap >= 32) ? true : undefined), 10_000);
+  await new Promise((r) => setTimeout(r, 100));
+  const before = rig.backends.map((b) => b.arrived.wrap);
+  // These wait for a slot that frees only after their 600 ms deadline.
+  const late = await Promise.all(Array.from({ length: 20 }, (_, i) => outcome(v2Encrypt(rig, 1000 + i, 600))));
+  t.deepEqual(rig.backends.map((b) => b.arrived.wrap), before, 'a call that could not finish in time reached a backend');
+  // The plugin gave up on each of them itself, ahead of the deadline. (The client,
+  // in this same process, may still see its own deadline first when the machine
+  // stalls the event loop; the refusal is counted either way.)
+  t.is(await rig.counter('trousseau_overload_shed_total', { reason: 'deadline' }), 20, 'not every late call was shed for its deadline');
+  const refused = late.filter(isRefusal).length;
+  t.true(refused >= 15, `only ${refused} of 20 late calls were answered "overloaded" before their deadline`);
+  for (const b of rig.backends) b.open();
+  t.true((await Promise.all(holders)).every((o) => o.code === status.OK));
+  await assertUnharmed(t, rig, keyIdBefore);
+});
+
+test.serial('a wrap that waited for a slot inside the plugin is not abandoned as a straggler: full envelopes, key_id unchanged', async (t) => {
+  // Backend c is the slow one (100 ms) behind a pool of 32; a and b answer in 5 ms.
+  // Under a burst, c's later rounds wait for a connection past quorum + grace
+  // (300 ms here, so that a loaded machine stretching c's own 100 ms does not count):
+  // that wait is ours, so c's copy must not go missing and the key_id must not turn partial.
+  const rig = await startRig(t, { connections: 32, serviceMs: 5, config: { encrypt: { stragglerGraceMs: 300 } } });
+  rig.backends.find((b) => b.name === 'c')!.serviceMs = 100;
+  const keyIdBefore = (await rig.status()).key_id;
+  const envelopes: T.V2EncryptResponse[] = [];
+  const responses = await Promise.all(Array.from({ length: 200 }, (_, i) => outcome(v2Encrypt(rig, i).then((r) => (envelopes.push(r), r)))));
+  const unexpected = responses.filter((o) => o.code !== status.OK && !isRefusal(o));
+  t.deepEqual(unexpected.slice(0, 3), [], `${unexpected.length} calls failed with something other than an overload refusal`);
+  t.true(envelopes.length > 0);
+  const short = envelopes.filter((e) => parseEnvelope(e.ciphertext, new Map(Object.entries(e.annotations))).copies.length < 3);
+  t.is(short.length, 0, `${short.length} of ${envelopes.length} envelopes lack a copy`);
+  t.true(envelopes.every((e) => e.key_id === keyIdBefore), 'an Encrypt answered with another key_id');
+  await assertUnharmed(t, rig, keyIdBefore);
+});
