@@ -35,18 +35,34 @@ if [ -z "${TROUSSEAU_SKIP_SERVERS:-}" ]; then
   run_step servers bash test/servers/up.sh || failed=$((failed + 1))
 fi
 
-ava_log=.servers/logs/ava.log
-echo "== unit and backend tests (ava)"
-# Bounded, so that a hung worker fails this step instead of the whole CI run.
-timeout --kill-after=30s 45m npx c8 ava 2>&1 | tee "$ava_log"
-ava_status=${PIPESTATUS[0]}
-count() { grep -Eo "^ *[0-9]+ (tests?|known failures?) $1" "$ava_log" | grep -Eo '[0-9]+' | head -1; }
-p=$(count passed); f=$(count failed); s=$(count skipped); t=$(grep -Eo '^ *[0-9]+ tests? todo' "$ava_log" | grep -Eo '[0-9]+' | head -1)
-# ava prints "N tests passed" only when all passed, else "N passed" lines vary: count marks as a fallback.
-if [ -z "$p" ]; then p=$(grep -c '^  ✔' "$ava_log" || true); fi
-if [ -z "$f" ]; then f=$(grep -c '^  ✘' "$ava_log" || true); fi
-passed=$((passed + ${p:-0})) failed=$((failed + ${f:-0})) skipped=$((skipped + ${s:-0} + ${t:-0}))
-if [ "$ava_status" -ne 0 ] && [ "${f:-0}" -eq 0 ]; then failed=$((failed + 1)); step_failed+=("ava exit $ava_status"); fi
+# Test files that load the machine on purpose (floods, bursts) or time real backends
+# against tight timeouts (the chaos scenarios, 400 ms) run after the rest, one file at
+# a time: on 2 cores, a flood test next to a chaos scenario starved the scenario's
+# backend calls past their timeouts. Every other file runs with ava's usual concurrency.
+isolated=(test/chaos/*.test.ts test/reliability/http-flood.test.ts test/reliability/grpc-limits.test.ts test/reliability/overload.test.ts)
+shared=()
+while IFS= read -r file; do
+  case " ${isolated[*]} " in *" $file "*) ;; *) shared+=("$file") ;; esac
+done < <(find test -name '*.test.ts' -not -path '*/node_modules/*' | sort)
+
+count() { grep -Eo "^ *[0-9]+ (tests?|known failures?) $2" "$1" | grep -Eo '[0-9]+' | head -1; }
+# ava prints "N tests passed" only when all passed; otherwise the marks are counted.
+run_ava() {
+  local name=$1 log=$2 bound=$3
+  shift 3
+  echo "== $name (ava)"
+  # Bounded, so that a hung worker fails this step instead of the whole CI run.
+  timeout --kill-after=30s "$bound" "$@" 2>&1 | tee "$log"
+  local status=${PIPESTATUS[0]} p f s t
+  p=$(count "$log" passed); f=$(count "$log" failed); s=$(count "$log" skipped)
+  t=$(grep -Eo '^ *[0-9]+ tests? todo' "$log" | grep -Eo '[0-9]+' | head -1)
+  if [ -z "$p" ]; then p=$(grep -c '^  ✔' "$log" || true); fi
+  if [ -z "$f" ]; then f=$(grep -c '^  ✘' "$log" || true); fi
+  passed=$((passed + ${p:-0})) failed=$((failed + ${f:-0})) skipped=$((skipped + ${s:-0} + ${t:-0}))
+  if [ "$status" -ne 0 ] && [ "${f:-0}" -eq 0 ]; then failed=$((failed + 1)); step_failed+=("$name: ava exit $status"); fi
+}
+run_ava "unit and backend tests" .servers/logs/ava.log 30m npx c8 ava "${shared[@]}"
+run_ava "load and chaos tests, one file at a time" .servers/logs/ava-isolated.log 20m npx ava --concurrency 1 "${isolated[@]}"
 
 # Zero-loss soak against the real servers behind fault proxies (prints lost=0).
 if [ -f test/chaos/soak.ts ]; then

@@ -25,7 +25,7 @@ const PAYLOAD_KEY_INFO = Buffer.from('trousseau/v1 payload key');
  * A fresh data key, straight from the CSPRNG into memory of its own that the caller
  * wipes. Never from the random pool (random.ts): the pool holds bytes before they
  * are handed out, so a key drawn from it would sit in memory before its life began.
- * Costs about 4 us of CPU more per Encrypt than the pool (docs/security-memory.md).
+ * Costs about 4 us of CPU more per Encrypt than the pool (docs/security.md, "What stays in memory").
  */
 export function newDataKey(): Buffer {
   return randomFillSync(Buffer.allocUnsafeSlow(DATA_KEY_BYTES));

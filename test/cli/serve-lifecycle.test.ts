@@ -3,7 +3,7 @@
  * exits 0 without leaving the socket, and the core issue's "done when" scenario
  * (lose two of three dev key files, keep reading, never recreate them).
  */
-import test, { type ExecutionContext } from 'ava';
+import test from 'ava';
 import { spawn } from 'node:child_process';
 import { lstat, readdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -15,33 +15,8 @@ import type * as T from '../../src/kms/types.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { Metrics } from '../../src/observability/metrics.ts';
 import { Plugin } from '../../src/plugin.ts';
-import { FaultProxy } from '../chaos/fault-proxy.ts';
-import { requireServer, requireVar } from '../helpers/servers.ts';
+import { openbaoBehindProxy } from '../helpers/openbao-proxy.ts';
 import { MAIN, eventually, grpcError, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
-
-/**
- * The real OpenBao server behind a fault proxy, as a vault backend named `slow`: the
- * proxy's hold() keeps a backend call in flight for exactly as long as a test needs.
- * (Key files cannot do this: they are read without blocking, and a FIFO is refused.)
- */
-async function openbaoBehindProxy(t: ExecutionContext, timeoutMs: number) {
-  const server = requireServer('openbao');
-  if ('missing' in server) throw new Error(server.missing);
-  const need = (name: string) => requireVar(server.env, name, 'openbao');
-  const proxy = await FaultProxy.start('openbao', need('VAULT_ADDR'));
-  t.teardown(() => proxy.close());
-  const backend = {
-    name: 'slow',
-    type: 'vault',
-    address: `http://127.0.0.1:${proxy.port}`,
-    transitMount: need('VAULT_TRANSIT_MOUNT'),
-    keyName: need('VAULT_KEY_NAME'),
-    auth: { method: 'token', tokenFile: need('VAULT_TOKEN_FILE') },
-    timeoutMs,
-  };
-  return { proxy, backend };
-}
-
 
 test.serial('SIGTERM while a Decrypt is in flight: the call completes, the process exits 0, the socket is removed', async (t) => {
   const dir = await tempDir(t);

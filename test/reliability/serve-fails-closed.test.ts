@@ -11,17 +11,18 @@
  *   (before, Node's default handler killed the process and left the socket).
  */
 import test from 'ava';
-import { execFileSync, spawn } from 'node:child_process';
-import { constants, lstat, open, readFile, writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { lstat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { LocalKeyBackend, generateKeyFile } from '../../src/backends/local.ts';
+import { generateKeyFile } from '../../src/backends/local.ts';
 import { call, clientsFor } from '../../src/cli/client.ts';
 import { parseConfig } from '../../src/config/load.ts';
 import type * as T from '../../src/kms/types.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { Metrics } from '../../src/observability/metrics.ts';
 import { Plugin } from '../../src/plugin.ts';
+import { openbaoBehindProxy } from '../helpers/openbao-proxy.ts';
 import { MAIN, eventually, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
 
 interface Exit {
@@ -122,46 +123,39 @@ test('SIGTERM during a long start-up exits within the drain deadline, without wa
 test('a second signal while the drain waits on a stuck call exits at once and removes the socket', async (t) => {
   const dir = await tempDir(t);
   const socketPath = path.join(dir, 'kms.sock');
-  // A Decrypt that blocks reading a FIFO listed in previousKeyFiles stays in flight.
-  const oldKey = path.join(dir, 'old.key');
-  await generateKeyFile(oldKey);
-  const config = parseConfig({ quorum: 1, backends: [{ name: 'slow', type: 'local', keyFile: oldKey }] });
-  const writer = new Plugin({ config, baseDir: dir, logger: silentLogger(), metrics: new Metrics(), backends: [new LocalKeyBackend('slow', oldKey)] });
+  // A Decrypt whose unwrap is held at a proxy in front of OpenBao stays in flight.
+  const { proxy, backend } = await openbaoBehindProxy(t, 2900);
+  const writer = new Plugin({ config: parseConfig({ quorum: 1, backends: [backend] }), baseDir: dir, logger: silentLogger(), metrics: new Metrics() });
   await writer.start();
   const envelope = await writer.encrypt(Buffer.from('stuck'), 'v2', new AbortController().signal);
   await writer.close();
-  const fifo = path.join(dir, 'old.fifo');
-  execFileSync('mkfifo', ['-m', '600', fifo]);
-  await generateKeyFile(path.join(dir, 'current.key'));
   await writeFile(
     path.join(dir, 'config.yaml'),
     JSON.stringify({
       socket: { path: socketPath },
       quorum: 1,
-      backends: [{ name: 'slow', type: 'local', keyFile: 'current.key', previousKeyFiles: ['old.fifo'], timeoutMs: 2900 }],
+      backends: [backend],
       decrypt: { deadlineMs: 2900, hedging: { enabled: false } },
+      health: { probeIntervalMs: 3_600_000 },
+      escrow: { enabled: false },
       shutdown: { drainTimeoutMs: 20_000 },
     }),
   );
   const running = await spawnServe(t, ['--config', path.join(dir, 'config.yaml')], socketPath);
   const clients = clientsFor(socketPath);
   t.teardown(() => clients.close());
+  await proxy.hold();
+  const held = proxy.whenHolding();
   const decrypting = call<T.V2DecryptRequest, T.V2DecryptResponse>(
     clients.v2,
     'Decrypt',
     { ciphertext: envelope.ciphertext, uid: 'stuck', key_id: envelope.keyId, annotations: Object.fromEntries(envelope.annotations) as Record<string, Buffer> },
     10_000,
   ).catch(() => undefined);
-  const handle = await eventually(() => open(fifo, constants.O_WRONLY | constants.O_NONBLOCK).catch(() => undefined), 5000, 10);
-  t.teardown(() => handle.close().catch(() => undefined));
+  await held; // the unwrap reached the proxy: the Decrypt is in flight
   running.child.kill('SIGTERM');
   await eventually(() => (running.stderr.includes('shutting down') ? true : undefined), 5000);
   running.child.kill('SIGTERM');
-  // The socket goes first, at once; process.exit then waits for the libuv thread still
-  // blocked reading the FIFO, so the test lets that read finish.
-  await eventually(async () => ((await lstat(socketPath).catch(() => undefined)) ? undefined : true), 3000, 10).catch(() => undefined);
-  await handle.write(await readFile(oldKey)).catch(() => undefined);
-  await handle.close().catch(() => undefined);
   const exit = await Promise.race([running.exited, new Promise<'running'>((resolve) => setTimeout(() => resolve('running'), 3000).unref())]);
   t.not(exit, 'running', 'still draining 3 s after the second signal (drain deadline 20 s)');
   t.is(running.child.signalCode, null, 'killed by the signal instead of exiting');

@@ -13,7 +13,7 @@
  * because any path that logs a request or a decrypted result logs them.
  */
 import { randomBytes } from 'node:crypto';
-import { chmod, readFile, writeFile } from 'node:fs/promises';
+import { chmod, readFile, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { Writable } from 'node:stream';
@@ -414,7 +414,9 @@ test('trace-level workload over every backend leaks no plaintext, key, token or 
   // every copy's backend is down and Decrypt, Encrypt and Status fail.
   const localAFile = path.join(dir, 'local-a.key');
   const localAKey = await readFile(localAFile);
-  await writeFile(localAFile, 'not a key\n', { mode: 0o600 });
+  // Removed, not spoiled: a key file changed to something that fails its checks is
+  // refused and the old key kept (src/backends/local.ts); a removed one is forgotten.
+  await rm(localAFile);
   await sleep(700);
   await expectError('decrypt with every backend down', v2Decrypt(beforeOutageEnvelope));
   await expectError('encrypt with every backend down', v2Encrypt(plaintext('all-down')));

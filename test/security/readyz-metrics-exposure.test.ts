@@ -25,7 +25,7 @@ async function fetchAsNobody(url: string): Promise<{ code: number; body: string 
 }
 
 /** Label names a metric of ours may use (and histogram buckets' le): all carry bounded values (see src/observability/metrics.ts). */
-const ALLOWED_LABELS = new Set(['le', 'backend', 'operation', 'outcome', 'api', 'method', 'code', 'format_version', 'stage', 'result']);
+const ALLOWED_LABELS = new Set(['le', 'backend', 'operation', 'outcome', 'api', 'method', 'code', 'format_version', 'stage', 'result', 'reason']);
 
 test('an unprivileged local user gets ready/not-ready with short reasons from /readyz, and no key identifier from /metrics', async (t) => {
   const h = await startHarness(t, { backends: ['a', 'b', 'c'], quorum: 2, config: { health: { probeIntervalMs: 100, minBackoffMs: 50, maxBackoffMs: 200 } } });

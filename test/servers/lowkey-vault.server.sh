@@ -56,6 +56,11 @@ VAULT_URL="https://localhost:$PORT"
 PURGEABLE_URL="https://127.0.0.1:$PORT"
 TOKEN_URL="http://127.0.0.1:$TOKEN_PORT"
 KEY=trousseau-kek
+# A second, RSA-2048 key for the chaos rig: its scenarios probe every backend every
+# 200 ms, and each Azure probe costs two private-key operations (sign, unwrap) in the
+# emulator. At RSA-4096 (about 8x the CPU of 2048) that alone took most of a core on a
+# 2-core machine and starved the other backends' calls past their timeouts.
+LIGHT_KEY=trousseau-kek-2048
 # lowkey-vault's RSA wrapKey/unwrapKey also assert encrypt/decrypt (one handler serves
 # both routes), and a key created without key_ops gets none; sign is for the
 # signature that makes Azure copies unforgeable (docs/envelope.md).
@@ -148,12 +153,12 @@ token() {
     python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])'
 }
 
-create_key() {
+create_key() { # name bits
   local bearer
   bearer=$(token)
   curl -fsS -m 60 --cacert "$CA" -X POST -H "Authorization: Bearer $bearer" -H "Content-Type: application/json" \
-    -d "{\"kty\":\"RSA\",\"key_size\":4096,\"key_ops\":$KEY_OPS}" \
-    "$VAULT_URL/keys/$KEY/create?api-version=7.4" >/dev/null
+    -d "{\"kty\":\"RSA\",\"key_size\":$2,\"key_ops\":$KEY_OPS}" \
+    "$VAULT_URL/keys/$1/create?api-version=7.4" >/dev/null
 }
 
 # The vault at 127.0.0.1 (a vault of its own, separate from localhost's) is replaced by
@@ -196,7 +201,8 @@ start() {
     [ $SECONDS -lt $deadline ] || { fail_with_log "lowkey-vault not ready after ${READY_SECONDS}s"; return 1; }
     sleep 1
   done
-  wait_for "key creation on $VAULT_URL" 60 create_key || { fail_with_log "lowkey-vault did not create key $KEY"; return 1; }
+  wait_for "key creation on $VAULT_URL" 60 create_key "$KEY" 4096 || { fail_with_log "lowkey-vault did not create key $KEY"; return 1; }
+  wait_for "key creation on $VAULT_URL" 60 create_key "$LIGHT_KEY" 2048 || { fail_with_log "lowkey-vault did not create key $LIGHT_KEY"; return 1; }
   purgeable_vault || { fail_with_log "lowkey-vault did not make $PURGEABLE_URL purgeable"; return 1; }
   echo "lowkey-vault ready on $VAULT_URL after $((SECONDS - started)) s"
 
@@ -204,6 +210,7 @@ start() {
     "AZURE_KV_SERVER=lowkey-vault" \
     "AZURE_KV_URL=$VAULT_URL" \
     "AZURE_KV_KEY_NAME=$KEY" \
+    "AZURE_KV_LIGHT_KEY_NAME=$LIGHT_KEY" \
     "AZURE_KV_KEY_OPS=$(echo "$KEY_OPS" | tr -d '[]"')" \
     "AZURE_KV_PURGEABLE_URL=$PURGEABLE_URL" \
     "AZURE_KV_CA_FILE=$CA" \
