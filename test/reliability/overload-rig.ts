@@ -53,7 +53,10 @@ export async function startRig(
   const metrics = new Metrics();
   const logger = silentLogger();
   const plugin = new Plugin({ config, baseDir: dir, logger, metrics, backends });
-  const server = new KmsServer(plugin, { path: socketPath, mode: config.socket.mode }, metrics, logger);
+  const server = new KmsServer(plugin, { path: socketPath, mode: config.socket.mode }, metrics, logger, {
+    maxConcurrentStreams: config.connections.maxConcurrentStreams,
+    idleTimeoutMs: config.connections.idleTimeoutMs,
+  });
   await plugin.start();
   await server.start();
   const clients = clientsFor(socketPath);
