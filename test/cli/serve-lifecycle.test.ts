@@ -10,12 +10,8 @@ import path from 'node:path';
 import { status } from '@grpc/grpc-js';
 import { generateKeyFile } from '../../src/backends/local.ts';
 import { call, clientsFor } from '../../src/cli/client.ts';
-import { parseConfig } from '../../src/config/load.ts';
 import type * as T from '../../src/kms/types.ts';
-import { silentLogger } from '../../src/observability/logger.ts';
-import { Metrics } from '../../src/observability/metrics.ts';
-import { Plugin } from '../../src/plugin.ts';
-import { openbaoBehindProxy } from '../helpers/openbao-proxy.ts';
+import { heldDecryptSetup, openbaoBehindProxy } from '../helpers/openbao-proxy.ts';
 import { MAIN, eventually, grpcError, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
 
 test.serial('SIGTERM while a Decrypt is in flight: the call completes, the process exits 0, the socket is removed', async (t) => {
@@ -23,27 +19,9 @@ test.serial('SIGTERM while a Decrypt is in flight: the call completes, the proce
   const socketPath = path.join(dir, 'kms.sock');
   // The only backend is OpenBao behind a proxy that holds the Decrypt's unwrap until
   // the test releases it: the call stays in flight, deterministically.
-  const { proxy, backend } = await openbaoBehindProxy(t, 2900);
-  const backends = [backend];
-  const config = parseConfig({ quorum: 1, backends });
-  const writer = new Plugin({ config, baseDir: dir, logger: silentLogger(), metrics: new Metrics() });
-  await writer.start();
   const plaintext = Buffer.from('in flight across SIGTERM');
-  const envelope = await writer.encrypt(plaintext, 'v2', new AbortController().signal);
-  await writer.close();
-  await writeFile(
-    path.join(dir, 'config.yaml'),
-    JSON.stringify({
-      socket: { path: socketPath },
-      quorum: 1,
-      backends,
-      decrypt: { deadlineMs: 2900, hedging: { enabled: false } },
-      health: { probeIntervalMs: 3_600_000 },
-      escrow: { enabled: false },
-      shutdown: { drainTimeoutMs: 5000 },
-    }),
-  );
-  const serve = await spawnServe(t, ['--config', path.join(dir, 'config.yaml')], socketPath);
+  const { proxy, envelope, configFile } = await heldDecryptSetup(t, dir, socketPath, plaintext, 5000);
+  const serve = await spawnServe(t, ['--config', configFile], socketPath);
   const clients = clientsFor(socketPath);
   t.teardown(() => clients.close());
 

@@ -17,12 +17,8 @@ import net from 'node:net';
 import path from 'node:path';
 import { generateKeyFile } from '../../src/backends/local.ts';
 import { call, clientsFor } from '../../src/cli/client.ts';
-import { parseConfig } from '../../src/config/load.ts';
 import type * as T from '../../src/kms/types.ts';
-import { silentLogger } from '../../src/observability/logger.ts';
-import { Metrics } from '../../src/observability/metrics.ts';
-import { Plugin } from '../../src/plugin.ts';
-import { openbaoBehindProxy } from '../helpers/openbao-proxy.ts';
+import { heldDecryptSetup } from '../helpers/openbao-proxy.ts';
 import { MAIN, eventually, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
 
 interface Exit {
@@ -124,24 +120,8 @@ test('a second signal while the drain waits on a stuck call exits at once and re
   const dir = await tempDir(t);
   const socketPath = path.join(dir, 'kms.sock');
   // A Decrypt whose unwrap is held at a proxy in front of OpenBao stays in flight.
-  const { proxy, backend } = await openbaoBehindProxy(t, 2900);
-  const writer = new Plugin({ config: parseConfig({ quorum: 1, backends: [backend] }), baseDir: dir, logger: silentLogger(), metrics: new Metrics() });
-  await writer.start();
-  const envelope = await writer.encrypt(Buffer.from('stuck'), 'v2', new AbortController().signal);
-  await writer.close();
-  await writeFile(
-    path.join(dir, 'config.yaml'),
-    JSON.stringify({
-      socket: { path: socketPath },
-      quorum: 1,
-      backends: [backend],
-      decrypt: { deadlineMs: 2900, hedging: { enabled: false } },
-      health: { probeIntervalMs: 3_600_000 },
-      escrow: { enabled: false },
-      shutdown: { drainTimeoutMs: 20_000 },
-    }),
-  );
-  const running = await spawnServe(t, ['--config', path.join(dir, 'config.yaml')], socketPath);
+  const { proxy, envelope, configFile } = await heldDecryptSetup(t, dir, socketPath, Buffer.from('stuck'), 20_000);
+  const running = await spawnServe(t, ['--config', configFile], socketPath);
   const clients = clientsFor(socketPath);
   t.teardown(() => clients.close());
   await proxy.hold();
