@@ -18,6 +18,8 @@ export UV_USE_IO_URING=0
 
 passed=0 failed=0 skipped=0
 step_failed=()
+# What failed, repeated at the very end: a CI log is often read from its tail only.
+failure_lines=()
 
 run_step() {
   local name=$1
@@ -59,6 +61,9 @@ run_ava() {
   if [ -z "$p" ]; then p=$(grep -c '^  ✔' "$log" || true); fi
   if [ -z "$f" ]; then f=$(grep -c '^  ✘' "$log" || true); fi
   passed=$((passed + ${p:-0})) failed=$((failed + ${f:-0})) skipped=$((skipped + ${s:-0} + ${t:-0}))
+  local line
+  while IFS= read -r line; do failure_lines+=("$name: $line"); done < <(
+    grep -E '^ *✘|Failed to exit|uncaught exceptions?$|unhandled rejections?$|remained pending|hooks? failed' "$log" | head -20)
   if [ "$status" -ne 0 ] && [ "${f:-0}" -eq 0 ]; then failed=$((failed + 1)); step_failed+=("$name: ava exit $status"); fi
 }
 run_ava "unit and backend tests" .servers/logs/ava.log 30m npx c8 ava "${shared[@]}"
@@ -78,6 +83,7 @@ if [ -f test/k8s/run.sh ]; then
   kf=$(grep -c -- '--- FAIL' "$k8s_log" || true)
   ks=$(grep -c -- '--- SKIP' "$k8s_log" || true)
   passed=$((passed + kp)) failed=$((failed + kf)) skipped=$((skipped + ks))
+  while IFS= read -r line; do failure_lines+=("k8s: $line"); done < <(grep -E -- '--- FAIL' "$k8s_log" | head -20)
   if [ "$k8s_status" -ne 0 ] && [ "$kf" -eq 0 ]; then failed=$((failed + 1)); step_failed+=("k8s harness exit $k8s_status"); fi
 fi
 
@@ -85,6 +91,10 @@ if [ -z "${TROUSSEAU_KEEP_SERVERS:-}" ] && [ -z "${TROUSSEAU_SKIP_SERVERS:-}" ];
   bash test/servers/down.sh >/dev/null 2>&1 || true
 fi
 
+if [ ${#failure_lines[@]} -gt 0 ]; then
+  echo "== what failed (details above, and in .servers/logs/)"
+  printf '  %s\n' "${failure_lines[@]}"
+fi
 if [ ${#step_failed[@]} -gt 0 ]; then echo "failed steps: ${step_failed[*]}"; fi
 echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

@@ -430,14 +430,3 @@ if ('missing' in found) {
     t.is(await second.exited, 0);
   });
 }
-
-// This worker has been seen, now and then, to stay alive after its last test (ava:
-// "Failed to exit"), with every test passed; it has not been caught in the act. If it
-// happens, say what keeps it alive (for the next person to fix), then end the worker:
-// its results are already reported, and a hung worker would otherwise fail the run.
-test.after.always('the worker exits', () => {
-  setTimeout(() => {
-    console.error(`chaos scenarios: still alive 5 s after the last test; active resources: ${JSON.stringify(process.getActiveResourcesInfo())}`);
-    process.exit(process.exitCode ?? 0);
-  }, 5000).unref();
-});
