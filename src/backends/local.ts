@@ -439,6 +439,52 @@ export async function generateKeyFile(file: string): Promise<string> {
  * is never rewritten into a "valid" one. Returns the current key's version.
  */
 async function rewriteKeyFile(file: string, newKey?: Buffer): Promise<string> {
+  return withKeyFileLock(file, () => rewriteLocked(file, newKey));
+}
+
+/** How long a rotation waits for another one of the same file to finish. */
+const LOCK_WAIT_MS = 10_000;
+
+/**
+ * Rewrites of one key file are serialised by a lock file beside it
+ * (`<file>.lock`, created with O_EXCL and O_NOFOLLOW, holding the writer's pid).
+ * Without it, two rotations started together both read the old file and the second
+ * rename dropped the first one's new key, which a running plugin may already have
+ * wrapped data keys with: those envelopes would have lost their local copy. A lock
+ * left by a crashed keygen is not removed automatically (two waiters could otherwise
+ * each remove the other's fresh lock); the error says which file to remove.
+ */
+async function withKeyFileLock<T>(file: string, work: () => Promise<T>): Promise<T> {
+  const lockFile = `${file}.lock`;
+  const deadline = Date.now() + LOCK_WAIT_MS;
+  for (;;) {
+    try {
+      const handle = await open(lockFile, CREATE_FLAGS, 0o600);
+      try {
+        await handle.writeFile(`${process.pid}\n`);
+      } finally {
+        await handle.close();
+      }
+      break;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw unreadable(lockFile, error);
+      if (Date.now() >= deadline) {
+        throw new TrousseauError(
+          'BACKEND_UNAVAILABLE',
+          `key file ${file} is being rewritten by another process (lock file ${lockFile} exists since more than ${LOCK_WAIT_MS / 1000} s); if no keygen is running, a crashed one left it: remove it and retry`,
+        );
+      }
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+  try {
+    return await work();
+  } finally {
+    await unlink(lockFile).catch(() => undefined);
+  }
+}
+
+async function rewriteLocked(file: string, newKey?: Buffer): Promise<string> {
   const existing = await loadKeyRing(file);
   let temporary: string | undefined;
   try {
