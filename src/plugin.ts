@@ -101,6 +101,7 @@ export class Plugin implements KmsCore {
         quorum: config.quorum,
         encryptDeadlineMs: config.encrypt.deadlineMs,
         stragglerGraceMs: config.encrypt.stragglerGraceMs,
+        stragglerLatencyFactor: config.encrypt.stragglerLatencyFactor,
         decryptDeadlineMs: config.decrypt.deadlineMs,
         hedging: config.decrypt.hedging,
       },

@@ -53,6 +53,13 @@ export const configSchema = z
         deadlineMs: z.number().int().min(50).max(2900).default(2000),
         /** Wait for slower backends after quorum is reached (default 150). */
         stragglerGraceMs: z.number().int().min(0).max(2000).default(150),
+        /**
+         * A backend still wrapping after quorum gets at least this many times its own
+         * recent p95 latency (successful calls) before it is left out, so a healthy
+         * but distant backend (an Azure copy is two calls) keeps its copy in every
+         * envelope; 0 turns it off (default 2). Never past the Encrypt deadline.
+         */
+        stragglerLatencyFactor: z.number().min(0).max(10).default(2),
       })
       .strict()
       .prefault({}),

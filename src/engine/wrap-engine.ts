@@ -30,6 +30,8 @@ export interface EngineSettings {
   encryptDeadlineMs: number;
   /** How long to wait for the remaining backends once quorum is reached. */
   stragglerGraceMs: number;
+  /** A straggler gets at least this multiple of its own recent p95 latency (0: off). */
+  stragglerLatencyFactor: number;
   /** Whole-Decrypt deadline in milliseconds. */
   decryptDeadlineMs: number;
   hedging: {
@@ -182,7 +184,7 @@ export class WrapEngine {
     envelopeId: Buffer,
     callerSignal: AbortSignal,
   ): Promise<{ copies: WrappedCopy[]; notStarted: Set<string> }> {
-    const { quorum, encryptDeadlineMs, stragglerGraceMs } = this.settings;
+    const { quorum, encryptDeadlineMs, stragglerGraceMs, stragglerLatencyFactor } = this.settings;
     const reserve = [...spares];
     const abandon = linkedSignal([callerSignal], encryptDeadlineMs, ENCRYPT_DEADLINE);
     const signal = abandon.signal;
@@ -238,12 +240,23 @@ export class WrapEngine {
        * is never abandoned for time it spent in our queue (within the deadline), or the
        * envelope would lack its copy because of our own load. (With a grace of 0 a
        * wrap admitted after quorum is abandoned at once, like any straggler.)
+       *
+       * It also follows each backend's own pace: a wrap is given at least
+       * `stragglerLatencyFactor` times that backend's recent p95 from when it got its
+       * slot. A copy left out moves the key_id (a new DEK for the apiserver), so a
+       * backend that is merely far away (another region, an Azure copy of two calls)
+       * must not be cut off by a fixed 150 ms; one much slower than its own norm is.
        */
+      const graceEndFor = (name: string, from: number): number => {
+        const typical = stragglerLatencyFactor > 0 ? this.byName.get(name)?.latency.percentile(95) : undefined;
+        return from + Math.max(stragglerGraceMs, typical === undefined ? 0 : stragglerLatencyFactor * typical);
+      };
       const armGrace = () => {
         clearTimeout(graceTimer);
         if (done || quorumAt === undefined || waitingForSlot.size > 0) return; // re-armed at the next admission
-        const youngest = Math.max(quorumAt, ...admittedAt.values());
-        const left = youngest + stragglerGraceMs - performance.now();
+        let graceEnd = quorumAt + stragglerGraceMs;
+        for (const name of inProgress) graceEnd = Math.max(graceEnd, graceEndFor(name, Math.max(quorumAt, admittedAt.get(name) ?? quorumAt)));
+        const left = graceEnd - performance.now();
         if (left <= 0) finish();
         else graceTimer = setTimeout(armGrace, left);
       };

@@ -104,6 +104,31 @@ test.serial('straggler grace: a backend answering within the grace still gets it
   t.true(elapsed < 250, `encrypt took ${Math.round(elapsed)} ms`);
 });
 
+for (const factor of [2, 0]) {
+  const kept = factor > 0;
+  test.serial(`straggler grace, latency factor ${factor}: a backend steadily at 300 ms (far away, grace 150 ms) ${kept ? 'keeps its copy and the key_id stays full' : 'is left out (the factor turned off)'}`, async (t) => {
+    const h = await startHarness(t, {
+      backends: ['fast', 'mid', 'far'],
+      quorum: 2,
+      config: { encrypt: { stragglerGraceMs: 150, stragglerLatencyFactor: factor }, health: { probeIntervalMs: 3_600_000, recoverAfterMs: 60_000 } },
+    });
+    const full = (await h.status()).key_id;
+    h.fault('fast').setMode(latency(5));
+    h.fault('mid').setMode(latency(10));
+    h.fault('far').setMode(latency(300));
+    // Its pace is known from its own successful calls: here three health probes.
+    for (let i = 0; i < 3; i++) await h.plugin.prober.probeAll();
+    const encrypted = await h.encrypt(Buffer.alloc(32, 3));
+    if (kept) {
+      t.deepEqual(copiesOf(encrypted), ['fast', 'mid', 'far']);
+      t.is(encrypted.key_id, full);
+    } else {
+      t.deepEqual(copiesOf(encrypted), ['fast', 'mid']);
+      t.regex(encrypted.key_id, /-partial$/);
+    }
+  });
+}
+
 test.serial('below quorum nothing is returned: UNAVAILABLE and no partial envelope', async (t) => {
   const h = await startHarness(t, { backends: [{ name: 'a' }, { name: 'b', timeoutMs: 150 }, { name: 'c' }], quorum: 2 });
   h.fault('a').setMode(unavailable);
