@@ -12,6 +12,7 @@ import type { Config } from '../config/schema.ts';
 import { TrousseauError } from '../errors.ts';
 import { KmsServer } from '../kms/server.ts';
 import { ObservabilityServer } from '../observability/http.ts';
+import { ScrapeListener } from '../observability/scrape-listener.ts';
 import { createLogger, type Logger } from '../observability/logger.ts';
 import { Metrics } from '../observability/metrics.ts';
 import { Plugin } from '../plugin.ts';
@@ -21,6 +22,10 @@ export interface RunningPlugin {
   kms: KmsServer;
   http: ObservabilityServer | undefined;
   httpAddress: string | undefined;
+  /** host:port of the TLS scrape listener (`http.scrape`), when configured. */
+  scrapeAddress: string | undefined;
+  /** Re-read the scrape listener's certificate, key and token now (it also does every 30 s). */
+  reloadScrapeListener(): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -62,6 +67,8 @@ export async function startPlugin(
   plugin.addReadinessCheck(() => kms.socketProblem());
   let http: ObservabilityServer | undefined;
   let httpAddress: string | undefined;
+  let scrape: ScrapeListener | undefined;
+  let scrapeAddress: string | undefined;
   const checkAbort = () => {
     if (abort?.aborted) throw new StartAbandoned();
   };
@@ -80,10 +87,21 @@ export async function startPlugin(
       httpAddress = `${bound.address}:${bound.port}`;
       checkAbort();
     }
+    if (config.http.scrape) {
+      const listener = new ScrapeListener(config.http.scrape, baseDir, metrics, logger, { maxConnections: config.connections.httpMaxConnections });
+      scrape = listener;
+      const bound = await listener.listen().catch((error: NodeJS.ErrnoException) => {
+        if (error instanceof TrousseauError) throw error;
+        throw new TrousseauError('CONFIG', `cannot listen for the scrape listener on ${config.http.scrape?.listen}: ${error.code ?? error.message}`, { cause: error });
+      });
+      scrapeAddress = `${bound.address}:${bound.port}`;
+      checkAbort();
+    }
   } catch (error) {
     // Undo in reverse order; each step is safe on a part that never started.
     await kms.stop(0).catch(() => undefined);
     await http?.close().catch(() => undefined);
+    await scrape?.close().catch(() => undefined);
     await plugin.close();
     throw error;
   }
@@ -93,10 +111,11 @@ export async function startPlugin(
       logger.info({ inFlight: kms.inFlight }, 'shutting down');
       await kms.stop(config.shutdown.drainTimeoutMs);
       await http?.close();
+      await scrape?.close();
       await plugin.close();
       logger.info('stopped');
     })());
-  return { plugin, kms, http, httpAddress, stop };
+  return { plugin, kms, http, httpAddress, scrapeAddress, reloadScrapeListener: async () => scrape?.reload(), stop };
 }
 
 /** Time past the drain deadline that closing the HTTP listener and the backends may take. */

@@ -27,6 +27,8 @@ const admissionLimits = (defaults: { maxInFlight: number; maxQueued: number; max
     .strict()
     .prefault({});
 
+const hostPort = z.string().regex(/^(\[[0-9a-fA-F:]+\]|[a-zA-Z0-9.-]+):\d{1,5}$/, 'must be host:port');
+
 export const configSchema = z
   .object({
     socket: z
@@ -144,7 +146,24 @@ export const configSchema = z
     http: z
       .object({
         /** host:port for /metrics, /healthz, /readyz. Loopback by default; unset disables it. */
-        listen: z.string().regex(/^(\[[0-9a-fA-F:]+\]|[a-zA-Z0-9.-]+):\d{1,5}$/, 'must be host:port').optional(),
+        listen: hostPort.optional(),
+        /**
+         * A second listener for Prometheus off the node: /metrics only, over TLS, for a
+         * caller with the bearer token (docs/operations/monitoring.md). Unset: none.
+         */
+        scrape: z
+          .object({
+            /** host:port, for example the node's address or 0.0.0.0 with hostNetwork. */
+            listen: hostPort,
+            /** PEM certificate chain the listener presents. */
+            certFile: z.string().min(1),
+            /** PEM private key (mode 0600, owned by the plugin's user or root). */
+            keyFile: z.string().min(1),
+            /** File with the one token a scraper must send as `Authorization: Bearer` (mode 0600). */
+            bearerTokenFile: z.string().min(1),
+          })
+          .strict()
+          .optional(),
       })
       .strict()
       .prefault({}),

@@ -111,7 +111,7 @@ func decodeManifests(where string, data []byte) ([]manifest, error) {
 			if err := yaml.UnmarshalStrict(doc, &u.Object); err != nil {
 				return nil, fmt.Errorf("%s: %v", w, err)
 			}
-			if u.GetKind() != "ServiceMonitor" || u.GetName() == "" {
+			if (u.GetKind() != "ServiceMonitor" && u.GetKind() != "PrometheusRule") || u.GetName() == "" {
 				return nil, fmt.Errorf("%s: unexpected custom resource %s %q", w, u.GetKind(), u.GetName())
 			}
 			out = append(out, manifest{w, u, doc})
@@ -673,7 +673,7 @@ func TestDeploy_HelmChart(t *testing.T) {
 		t.Fatalf("%d example values files in %s/ci; expected one per backend type and a combined one", len(valueFiles), chartDir)
 	}
 	types := map[string]bool{}
-	serviceMonitors := 0
+	rendered := map[string]int{}
 	for _, rel := range valueFiles {
 		t.Run(filepath.Base(rel), func(t *testing.T) {
 			t.Parallel()
@@ -696,7 +696,18 @@ func TestDeploy_HelmChart(t *testing.T) {
 				if u, ok := m.obj.(*unstructured.Unstructured); ok {
 					kind = u.GetKind()
 					mu.Lock()
-					serviceMonitors++
+					rendered[kind]++
+					mu.Unlock()
+				}
+				if cm, ok := m.obj.(*corev1.ConfigMap); ok && cm.Labels["grafana_dashboard"] == "1" {
+					var dashboard struct {
+						Panels []json.RawMessage `json:"panels"`
+					}
+					if err := json.Unmarshal([]byte(cm.Data["trousseau.json"]), &dashboard); err != nil || len(dashboard.Panels) == 0 {
+						t.Errorf("%s: dashboard ConfigMap %s holds no dashboard: %v", rel, cm.Name, err)
+					}
+					mu.Lock()
+					rendered["dashboard"]++
 					mu.Unlock()
 				}
 				kinds[kind]++
@@ -728,8 +739,10 @@ func TestDeploy_HelmChart(t *testing.T) {
 				t.Errorf("no example values file uses a %s backend", want)
 			}
 		}
-		if serviceMonitors == 0 {
-			t.Error("no example values file renders the ServiceMonitor")
+		for _, kind := range []string{"ServiceMonitor", "PrometheusRule", "dashboard"} {
+			if rendered[kind] == 0 {
+				t.Errorf("no example values file renders the %s", kind)
+			}
 		}
 	})
 }
@@ -742,15 +755,17 @@ func TestDeploy_HelmChartRejects(t *testing.T) {
 	helmBinary(t)
 	local := "backends:\n  - { name: local-a, type: local, keyFile: /k/a.key }\n  - { name: local-b, type: local, keyFile: /k/b.key }\n"
 	cases := map[string]struct{ values, want string }{
-		"no backends (the defaults)":     {"", "backends"},
-		"quorum above the backend count": {"quorum: 3\n" + local, "quorum"},
-		"misspelt backend field":         {"quorum: 1\nbackends:\n  - { name: local-a, type: local, keyFiel: /k/a.key }\n", "keyFiel"},
-		"unknown backend type":           {"quorum: 1\nbackends:\n  - { name: gcp, type: gcp }\n", "backends"},
-		"inline Vault token":             {"quorum: 1\nbackends:\n  - { name: v, type: vault, address: https://v:8200, keyName: k, auth: { method: token, token: s.x } }\n", "token"},
-		"socket open to others":          {"socket: { dir: /var/run/trousseau, name: kms.sock, mode: \"0666\" }\n" + local, "mode"},
-		"ServiceMonitor on loopback":     {"metrics: { serviceMonitor: { enabled: true } }\n" + local, "loopback"},
-		"socket settings in settings":    {"settings: { socket: { path: /tmp/x.sock } }\n" + local, "settings"},
-		"unknown top-level value":        {"replicas: 3\n" + local, "replicas"},
+		"no backends (the defaults)":                    {"", "backends"},
+		"quorum above the backend count":                {"quorum: 3\n" + local, "quorum"},
+		"misspelt backend field":                        {"quorum: 1\nbackends:\n  - { name: local-a, type: local, keyFiel: /k/a.key }\n", "keyFiel"},
+		"unknown backend type":                          {"quorum: 1\nbackends:\n  - { name: gcp, type: gcp }\n", "backends"},
+		"inline Vault token":                            {"quorum: 1\nbackends:\n  - { name: v, type: vault, address: https://v:8200, keyName: k, auth: { method: token, token: s.x } }\n", "token"},
+		"socket open to others":                         {"socket: { dir: /var/run/trousseau, name: kms.sock, mode: \"0666\" }\n" + local, "mode"},
+		"ServiceMonitor without the TLS listener":       {"metrics: { serviceMonitor: { enabled: true } }\n" + local, "metrics.scrape.enabled"},
+		"TLS listener on loopback for a ServiceMonitor": {"metrics: { scrape: { enabled: true, host: 127.0.0.1 }, serviceMonitor: { enabled: true } }\n" + local, "loopback"},
+		"relative runbook base":                         {"metrics: { runbookBaseUrl: docs/operations/ }\n" + local, "runbookBaseUrl"},
+		"socket settings in settings":                   {"settings: { socket: { path: /tmp/x.sock } }\n" + local, "settings"},
+		"unknown top-level value":                       {"replicas: 3\n" + local, "replicas"},
 	}
 	for name, c := range cases {
 		t.Run(strings.ReplaceAll(name, " ", "_"), func(t *testing.T) {

@@ -50,6 +50,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if or (eq .Values.http.host "localhost") (hasPrefix "127." .Values.http.host) -}}true{{- end -}}
 {{- end -}}
 
+{{/* The plugin's http section: the loopback listener, and the TLS scrape listener when enabled. */}}
+{{- define "trousseau.httpConfig" -}}
+{{- $http := dict "listen" (printf "%s:%d" .Values.http.host (int .Values.http.port)) -}}
+{{- $s := .Values.metrics.scrape -}}
+{{- if $s.enabled -}}
+{{- $_ := set $http "scrape" (dict "listen" (printf "%s:%d" $s.host (int $s.port)) "certFile" $s.certFile "keyFile" $s.keyFile "bearerTokenFile" $s.bearerTokenFile) -}}
+{{- end -}}
+{{- toYaml $http -}}
+{{- end -}}
+
 {{/* The plugin configuration file (docs/configuration.md). */}}
 {{- define "trousseau.config" -}}
 {{- $config := dict
@@ -59,7 +69,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
     "group" (printf "%d" (int .Values.runAsGroup)))
   "quorum" (int .Values.quorum)
   "backends" .Values.backends
-  "http" (dict "listen" (printf "%s:%d" .Values.http.host (int .Values.http.port))) -}}
+  "http" (include "trousseau.httpConfig" . | fromYaml) -}}
 {{- $config = merge $config (deepCopy .Values.settings) -}}
 {{- toYaml $config -}}
 {{- end -}}
