@@ -82,6 +82,19 @@ program
   });
 
 program
+  .command('doctor')
+  .description('check this node and a configuration before serving: files and their modes, socket folder, HTTP port, DNS, TLS, clock, credentials; exits 1 on any failure')
+  .requiredOption('-c, --config <file>', 'configuration file (YAML)')
+  .option('--live', 'also wrap and unwrap one random key with every backend')
+  .option('--json', 'print the report as JSON')
+  .action(async (options: { config: string; live?: boolean; json?: boolean }) => {
+    const { runDoctor, renderDoctorReport } = await import('./cli/doctor.ts');
+    const report = await runDoctor(options);
+    console.log(options.json ? JSON.stringify(report, null, 2) : renderDoctorReport(report));
+    if (!report.ok) process.exitCode = 1;
+  });
+
+program
   .command('keygen')
   .description('create a local AES-256 key file (mode 0600); --rotate adds a new current key to an existing file')
   .argument('<file>', 'key file to create')
