@@ -587,6 +587,18 @@ async function checkBackend(backend: BackendConfig, baseDir: string, options: Do
   return results;
 }
 
+/** The file checks alone, for `validate`: every file the configuration names exists, is readable, safe and parses. */
+export async function checkReferencedFiles(config: Config, baseDir: string): Promise<CheckResult[]> {
+  const perBackend = await Promise.all(
+    config.backends.map(async (backend) => {
+      const files = referencedFiles(backend, baseDir);
+      const certFile = files.find((f) => f.role === 'client certificate')?.file;
+      return Promise.all(files.map((ref) => checkFile(`${backend.name} ${ref.field}`, ref, certFile)));
+    }),
+  );
+  return perBackend.flat();
+}
+
 export async function runDoctor(options: DoctorOptions): Promise<DoctorReport> {
   let loaded;
   try {
