@@ -143,9 +143,17 @@ program
     try {
       version = options.rotate ? await addKeyToFile(file) : options.addChecks ? await addCheckValues(file) : await generateKeyFile(file);
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'EEXIST') {
+      const code = (error as NodeJS.ErrnoException).code;
+      const folder = path.dirname(path.resolve(file));
+      if (code === 'EEXIST') {
         throw new Error(`${file} already exists; keygen never overwrites a key (use --rotate to add a new current key to it)`, { cause: error });
       }
+      // The error names the temporary file keygen writes first: say it about the folder instead.
+      if (code === 'ENOENT' && !options.rotate && !options.addChecks) {
+        throw new Error(`folder ${folder} does not exist; create it first (mkdir -m 700 ${folder})`, { cause: error });
+      }
+      if (code === 'ENOTDIR') throw new Error(`${folder} is not a folder (a part of the path is a file)`, { cause: error });
+      if (code === 'EACCES' || code === 'EPERM') throw new Error(`cannot write in ${folder} (${code}): run as a user that may, or choose another folder`, { cause: error });
       throw error;
     }
     const done = options.rotate ? 'rotated to' : options.addChecks ? 'check values written; current' : 'created';
@@ -159,6 +167,15 @@ program
     console.log(JSON.stringify((await loadConfigModule()).configJsonSchema(), null, 2));
   });
 
+/** `--watch N`: a bounded refresh interval, so a typo cannot turn into a tight polling loop against the plugin. */
+function watchInterval(value: string): number {
+  const seconds = Number(value);
+  if (value.trim() === '' || !Number.isFinite(seconds) || seconds < 0.5 || seconds > 3600) {
+    throw new InvalidArgumentError('must be a number of seconds from 0.5 to 3600');
+  }
+  return seconds;
+}
+
 const socketOption = () => new Option('-s, --socket <path>', 'plugin socket').default(DEFAULT_SOCKET);
 
 program
@@ -166,8 +183,8 @@ program
   .description('ask a running plugin for its key_id and each backend\'s health; exits 2 when it is not ready (below quorum, no backend)')
   .addOption(socketOption())
   .option('--json', 'print JSON')
-  .option('--watch [seconds]', 'refresh every N seconds (default 2)')
-  .action(async (options: { socket: string; json?: boolean; watch?: string | boolean }) => {
+  .addOption(new Option('--watch [seconds]', 'refresh every N seconds (default 2, at least 0.5)').argParser(watchInterval))
+  .action(async (options: { socket: string; json?: boolean; watch?: number | boolean }) => {
     const clients = clientsFor(options.socket);
     try {
       const fetchStatus = async () => JSON.parse((await call<object, T.AdminStatusResponse>(clients.admin, 'Status', {})).status_json) as StatusDocument;
@@ -180,7 +197,7 @@ program
         if (!status.healthy) process.exitCode = 2;
         return;
       }
-      const seconds = typeof options.watch === 'string' ? Number(options.watch) : 2;
+      const seconds = typeof options.watch === 'number' ? options.watch : 2;
       for (;;) {
         const text = await show().catch((error: unknown) => `status unavailable: ${(error as Error).message}`);
         process.stdout.write(`\x1b[2J\x1b[H${new Date().toISOString()}\n${text}\n`);
