@@ -4,7 +4,7 @@
  * end), while `status --json` keeps the full ARN.
  */
 import test from 'ava';
-import { middleTruncate, renderStatus, type StatusDocument } from '../../src/cli/status-view.ts';
+import { escrowCell, middleTruncate, renderStatus, type StatusDocument } from '../../src/cli/status-view.ts';
 
 const arn = (n: number) => `arn:aws:kms:eu-west-1:111122223333:key/mrk-1234abcd12ab34cd56ef1234567890a${n}`;
 
@@ -50,4 +50,12 @@ test('middleTruncate keeps both ends and the width', (t) => {
   const cut = middleTruncate(long, 20);
   t.is(cut.length, 20);
   t.true(cut.startsWith('aaaa') && cut.endsWith('zzzz') && cut.includes('...'));
+});
+
+test('ALONE DECRYPTS: the answer and for how long it has held; verify renders the same cell', (t) => {
+  const now = Date.now();
+  const base = { backend: 'a', checkedAt: now, lastErrorAt: undefined, keyVersion: '1', retained: true };
+  t.is(escrowCell({ ...base, verified: true, since: now - 18 * 60_000, stage: undefined, lastError: undefined }, now), 'yes 18m');
+  t.is(escrowCell({ ...base, verified: false, since: now - 30_000, stage: 'unwrap', lastError: 'BACKEND_REJECTED' }, now), 'NO unwrap:BACKEND_REJECTED 30s');
+  t.is(escrowCell(undefined, now), '-');
 });
