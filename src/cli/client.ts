@@ -54,6 +54,9 @@ export async function explainUnreachableSocket(socketPath: string): Promise<stri
   return undefined; // something listens: its own answer (an overloaded plugin, below quorum) is the one to show
 }
 
+/** grpc-js's details when no connection was made ("No connection established. Last error: ... connect ENOENT ..."). */
+const NOT_CONNECTED = /No connection established|Failed to connect|connect (ENOENT|ECONNREFUSED|ENOTDIR|EACCES)/;
+
 /** Call a unary method with a deadline and get a promise. */
 export function call<Req, Res>(client: grpc.Client, method: string, request: Req, timeoutMs = 5000): Promise<Res> {
   const fn = (client as unknown as Record<string, UnaryMethod<Req, Res>>)[method];
@@ -65,8 +68,9 @@ export function call<Req, Res>(client: grpc.Client, method: string, request: Req
         return;
       }
       const target = client.getChannel().getTarget();
-      // UNAVAILABLE before any answer, or a deadline with no connection: say why in words.
-      const unreached = error.code === grpc.status.UNAVAILABLE || (error.code === grpc.status.DEADLINE_EXCEEDED && /connect|established/i.test(error.details));
+      // Only a call that never reached a server: the plugin's own UNAVAILABLE answers
+      // (overloaded, below quorum) are shown as they are, and cost no extra connection.
+      const unreached = (error.code === grpc.status.UNAVAILABLE || error.code === grpc.status.DEADLINE_EXCEEDED) && NOT_CONNECTED.test(error.details);
       if (unreached && target.startsWith('unix:')) {
         void explainUnreachableSocket(target.slice('unix:'.length)).then(
           (why) => reject(why === undefined ? error : Object.assign(new Error(why, { cause: error }), { code: error.code, details: why })),
