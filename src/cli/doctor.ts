@@ -312,7 +312,7 @@ function splitHostPort(listen: string): { host: string; port: number } {
   return { host: listen.slice(0, at).replace(/^\[(.*)\]$/, '$1'), port: Number(listen.slice(at + 1)) };
 }
 
-async function checkHttpPort(config: Config): Promise<CheckResult> {
+async function checkHttpPort(config: Config, pluginServes: boolean): Promise<CheckResult> {
   const listen = config.http.listen;
   if (!listen) return pass('http port', 'http.listen is unset: no /metrics, /healthz, /readyz (nothing to bind)');
   const { host, port } = splitHostPort(listen);
@@ -326,6 +326,10 @@ async function checkHttpPort(config: Config): Promise<CheckResult> {
   } catch (error) {
     const code = errnoOf(error);
     if (code === 'EADDRINUSE') {
+      // After a change on a node that already runs the plugin, its own listener holds the port.
+      if (pluginServes) {
+        return warn('http port', `${listen} is in use, and a process serves the socket: most likely this node's running plugin`, 'nothing to do if so; otherwise stop whatever holds the port, or choose another http.listen');
+      }
       return fail('http port', `${listen} is in use by another process`, 'stop it (a plugin already running on this node?), or choose another http.listen (serve --http-listen HOST:PORT)');
     }
     if (code === 'EADDRNOTAVAIL') return fail('http port', `${host} is not an address of this node`, 'use 127.0.0.1 or an address of this node in http.listen');
@@ -605,14 +609,17 @@ export async function runDoctor(options: DoctorOptions): Promise<DoctorReport> {
     loaded = await loadConfigFile(options.config);
   } catch (error) {
     // The loader's messages name fields and what they expect, never values.
-    const checks = [fail('config', safeMessage(error), 'correct the configuration (trousseau schema prints what each field takes)')];
+    // One line per check: the loader's list of issues is joined.
+    const detail = safeMessage(error).replace(/:\n\s*/, ': ').replace(/\n\s*/g, '; ');
+    const checks = [fail('config', detail, 'correct the configuration (trousseau schema prints what each field takes)')];
     return { ok: false, checks };
   }
   const { config, baseDir } = loaded;
   const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? '' : 's'}`;
   const checks: CheckResult[] = [pass('config', `${options.config}: valid, ${plural(config.backends.length, 'backend')}, quorum ${config.quorum}`)];
-  checks.push(...(await checkSocket(config)));
-  checks.push(await checkHttpPort(config));
+  const socketChecks = await checkSocket(config);
+  checks.push(...socketChecks);
+  checks.push(await checkHttpPort(config, socketChecks.some((c) => c.check === 'socket' && c.status === 'warn')));
   const perBackend = await Promise.all(config.backends.map((b) => checkBackend(b, baseDir, options)));
   checks.push(...perBackend.flat());
   return { ok: !checks.some((c) => c.status === 'fail'), checks };

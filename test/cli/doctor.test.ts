@@ -13,7 +13,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { generateKeyFile } from '../../src/backends/local.ts';
 import type { CheckResult, DoctorReport } from '../../src/cli/doctor.ts';
-import { runCli, tempDir } from '../helpers/plugin-harness.ts';
+import { eventually, runCli, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
 import { requireServer, requireVar } from '../helpers/servers.ts';
 
 interface Doctor {
@@ -191,4 +191,32 @@ test('OpenBao over TLS: without its CA the certificate is untrusted; with it eve
     t.is(result(t, trusted.report, check).status, 'pass', check);
   }
   for (const output of [trusted.text, JSON.stringify(trusted.report), untrusted.text]) t.false(output.includes(token), 'the Vault token was printed');
+});
+
+test('on a node where the plugin already serves: the taken port and the served socket are warnings, not failures', async (t) => {
+  t.timeout(180_000);
+  const dir = await tempDir(t);
+  const socketPath = path.join(dir, 'run', 'kms.sock');
+  const keys = path.join(dir, 'keys');
+  const serving = await spawnServe(t, ['--dev', '--data-dir', keys, '--socket', socketPath, '--http-listen', '127.0.0.1:0'], socketPath);
+  const address = await eventually(() => {
+    const line = serving.stderr.split('\n').find((l) => l.includes('"serving /metrics, /healthz, /readyz"'));
+    return line ? (JSON.parse(line) as { address: string }).address : undefined;
+  }, 60_000, 50);
+  const yaml = [
+    'socket:',
+    `  path: ${socketPath}`,
+    'http:',
+    `  listen: ${address}`,
+    'quorum: 2',
+    'backends:',
+    ...['local-a', 'local-b', 'local-c'].flatMap((n) => [`  - name: ${n}`, '    type: local', `    keyFile: ${path.join(keys, `${n}.key`)}`]),
+  ].join('\n');
+  const run = await doctor(t, dir, `${yaml}\n`);
+  t.is(run.code, 0, run.text);
+  t.is(result(t, run.report, 'socket').status, 'warn');
+  const port = result(t, run.report, 'http port');
+  t.is(port.status, 'warn');
+  t.regex(port.detail, /in use, and a process serves the socket/);
+  await serving.terminate();
 });
