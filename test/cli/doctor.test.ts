@@ -49,7 +49,7 @@ const localBackends = (dir: string, names: string[]) =>
 const header = (dir: string, quorum: number, listen?: string) =>
   [`socket:`, `  path: ${path.join(dir, 'kms.sock')}`, ...(listen ? ['http:', `  listen: ${listen}`] : []), `quorum: ${quorum}`, 'backends:'].join('\n');
 
-test('a missing key file and a key file of mode 644 fail, each with its fix; exit status 1', async (t) => {
+test.serial('a missing key file and a key file of mode 644 fail, each with its fix; exit status 1', async (t) => {
   const dir = await tempDir(t);
   await generateKeyFile(path.join(dir, 'good.key'));
   await generateKeyFile(path.join(dir, 'open.key'));
@@ -74,7 +74,7 @@ test('a missing key file and a key file of mode 644 fail, each with its fix; exi
   t.false(run.text.includes(key) || JSON.stringify(run.report).includes(key), 'a key was printed');
 });
 
-test('a good local configuration passes with exit status 0, and --live wraps and unwraps', async (t) => {
+test.serial('a good local configuration passes with exit status 0, and --live wraps and unwraps', async (t) => {
   const dir = await tempDir(t);
   for (const n of ['a', 'b']) await generateKeyFile(path.join(dir, `${n}.key`));
   const run = await doctor(t, dir, `${header(dir, 2)}\n${localBackends(dir, ['a', 'b'])}\n`, ['--live']);
@@ -85,7 +85,7 @@ test('a good local configuration passes with exit status 0, and --live wraps and
   t.regex(run.text, /^ok: /m);
 });
 
-test('a backend host that does not resolve fails the DNS check; what depends on it is skipped', async (t) => {
+test.serial('a backend host that does not resolve fails the DNS check; what depends on it is skipped', async (t) => {
   const dir = await tempDir(t);
   await writeFile(path.join(dir, 'token'), 'not-a-real-token', { mode: 0o600 });
   // .invalid never resolves (RFC 6761).
@@ -110,7 +110,7 @@ test('a backend host that does not resolve fails the DNS check; what depends on 
   t.false(run.text.includes('not-a-real-token'), 'the token was printed');
 });
 
-test('an HTTP port already in use fails the port check', async (t) => {
+test.serial('an HTTP port already in use fails the port check', async (t) => {
   const dir = await tempDir(t);
   await generateKeyFile(path.join(dir, 'a.key'));
   const taken = net.createServer();
@@ -125,7 +125,7 @@ test('an HTTP port already in use fails the port check', async (t) => {
   t.regex(check.fix!, /http\.listen|--http-listen/);
 });
 
-test('a backend whose clock is 10 minutes ahead fails the clock check', async (t) => {
+test.serial('a backend whose clock is 10 minutes ahead fails the clock check', async (t) => {
   const dir = await tempDir(t);
   await writeFile(path.join(dir, 'token'), 'not-a-real-token', { mode: 0o600 });
   const ahead = http.createServer((_request, response) => {
@@ -153,7 +153,7 @@ test('a backend whose clock is 10 minutes ahead fails the clock check', async (t
   t.regex(clock.fix!, /synchronise the node clock/);
 });
 
-test('OpenBao over TLS: without its CA the certificate is untrusted; with it every check passes, --live included', async (t) => {
+test.serial('OpenBao over TLS: without its CA the certificate is untrusted; with it every check passes, --live included', async (t) => {
   const server = requireServer('openbao');
   if ('missing' in server) {
     t.pass(server.missing);
@@ -193,7 +193,7 @@ test('OpenBao over TLS: without its CA the certificate is untrusted; with it eve
   for (const output of [trusted.text, JSON.stringify(trusted.report), untrusted.text]) t.false(output.includes(token), 'the Vault token was printed');
 });
 
-test('on a node where the plugin already serves: the taken port and the served socket are warnings, not failures', async (t) => {
+test.serial('on a node where the plugin already serves: the taken port and the served socket are warnings, not failures', async (t) => {
   t.timeout(180_000);
   const dir = await tempDir(t);
   const socketPath = path.join(dir, 'run', 'kms.sock');

@@ -59,7 +59,7 @@ async function serveOnce(t: ExecutionContext, args: string[], socketPath: string
 
 const linesOf = (text: string) => text.split('\n').filter((l) => l !== '');
 
-test('json mode: every line the plugin writes is a JSON object, grpc-js lines included, and no Vault line names its backend twice', async (t) => {
+test.serial('json mode: every line the plugin writes is a JSON object, grpc-js lines included, and no Vault line names its backend twice', async (t) => {
   const server = requireServer('openbao');
   if ('missing' in server) {
     t.pass(server.missing);
@@ -117,7 +117,7 @@ test('json mode: every line the plugin writes is a JSON object, grpc-js lines in
   }
 });
 
-test('text mode with npm run dev\'s flags and later overrides: klog layout on every line, the overriding socket and port are used', async (t) => {
+test.serial('text mode with npm run dev\'s flags and later overrides: klog layout on every line, the overriding socket and port are used', async (t) => {
   const dir = await tempDir(t);
   const scripts = (JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts;
   // "node FLAGS src/main.ts serve --dev ..." -> the arguments after src/main.ts.
