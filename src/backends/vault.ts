@@ -206,7 +206,10 @@ export class VaultBackend implements KeyBackend {
     this.name = config.name;
     this.config = config;
     this.baseDir = options.baseDir;
-    this.logger = options.logger?.child({ backend: config.name, kind: 'vault' });
+    // The plugin hands every backend a logger already bound to its name (plugin.ts):
+    // binding it again would write the "backend" key twice in every line.
+    const named = options.logger?.bindings().backend === config.name;
+    this.logger = options.logger?.child(named ? { kind: 'vault' } : { backend: config.name, kind: 'vault' });
     this.client = NodeVault({
       endpoint: config.address,
       // node-vault logs request bodies (plaintext keys, secret_ids) when DEBUG matches it.

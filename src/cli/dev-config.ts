@@ -11,6 +11,7 @@ import type { Logger } from 'pino';
 import { generateKeyFile } from '../backends/local.ts';
 import { parseConfig } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
+import { TrousseauError } from '../errors.ts';
 
 export const DEV_BACKENDS = ['local-a', 'local-b', 'local-c'] as const;
 
@@ -21,7 +22,13 @@ export const DEV_BACKENDS = ['local-a', 'local-b', 'local-c'] as const;
 const INITIALISED_MARKER = '.keys-initialised';
 
 export async function prepareDevKeys(dataDir: string, logger: Logger): Promise<void> {
-  await mkdir(dataDir, { recursive: true, mode: 0o700 });
+  await mkdir(dataDir, { recursive: true, mode: 0o700 }).catch((error: NodeJS.ErrnoException) => {
+    // mkdir's own words ("EEXIST: file already exists, mkdir") do not say which part is wrong.
+    if (error.code === 'EEXIST') throw new TrousseauError('CONFIG', `--data-dir ${dataDir} is a file, not a folder; name a folder for the development keys`);
+    if (error.code === 'ENOTDIR') throw new TrousseauError('CONFIG', `--data-dir ${dataDir}: a part of the path is a file, not a folder`);
+    if (error.code === 'EACCES') throw new TrousseauError('CONFIG', `--data-dir ${dataDir} cannot be created (EACCES): choose a folder this user may write`);
+    throw error;
+  });
   const files = await readdir(dataDir);
   if (files.includes(INITIALISED_MARKER)) return;
   for (const name of DEV_BACKENDS) {

@@ -136,7 +136,7 @@ export class Rewrapper {
   }
 }
 
-export function describeOutcome(o: RewrapOutcome): string {
+export function describeOutcome(o: RewrapOutcome, dryRun = false): string {
   const list = (copies: CopyRef[]) => copies.map((c) => `${c.backend}@${c.keyVersion}`).join(' ') || '(none readable)';
   if (o.action === 'failed') return `${o.source}: FAILED ${o.error ?? ''} [${list(o.before)}]`;
   if (o.action === 'current') return `${o.source}: already current [${list(o.before)}]`;
@@ -146,7 +146,22 @@ export function describeOutcome(o: RewrapOutcome): string {
     ...o.rotated.map((r) => `${r.backend} ${r.from}->${r.to}`),
     ...o.missing.map((b) => `still lacks ${b}`),
   ];
-  return `${o.source}: rewrapped [${list(o.before)}] -> [${list(o.after)}]${changes.length ? ` (${changes.join('; ')})` : ''}`;
+  return `${o.source}: ${dryRun ? 'would rewrap' : 'rewrapped'} [${list(o.before)}] -> [${list(o.after)}]${changes.length ? ` (${changes.join('; ')})` : ''}`;
+}
+
+/** "120/5000 (2.4 %), 85/s, ETA 57 s": the progress line `rewrap` keeps on a terminal. */
+export function formatProgress(done: number, total: number, elapsedMs: number): string {
+  const rate = elapsedMs > 0 ? (done * 1000) / elapsedMs : 0;
+  const percent = total > 0 ? ((done * 100) / total).toFixed(1) : '100.0';
+  const left = total - done;
+  const eta = rate > 0 && left > 0 ? ` ETA ${duration(left / rate)}` : '';
+  return `rewrap: ${done}/${total} (${percent} %), ${rate.toFixed(rate < 10 ? 1 : 0)}/s${eta}`;
+}
+
+function duration(seconds: number): string {
+  if (seconds < 90) return `${Math.ceil(seconds)} s`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
 }
 
 async function writeAtomically(file: string, text: string): Promise<void> {
@@ -182,14 +197,29 @@ export function registerRewrapCommand(program: Command): void {
       const { config, baseDir } = await loadConfigFile(options.config);
       const plugin = new Plugin({ config, baseDir, logger: createLogger('error'), metrics: new Metrics() });
       const counts = { rewrapped: 0, current: 0, failed: 0 };
+      // On a terminal a progress line is kept at the bottom (rewritten in place); in a
+      // pipe or a log, only the report lines and the summary.
+      const tty = process.stderr.isTTY === true && !options.json;
+      const started = Date.now();
+      let total = 0;
+      let done = 0;
+      let lastProgress = 0;
+      const clearProgress = () => tty && process.stderr.write('\r\x1b[K');
       const report = (o: RewrapOutcome) => {
         counts[o.action]++;
-        console.error(options.json ? JSON.stringify({ ...o, output: undefined }) : describeOutcome(o));
+        done++;
+        clearProgress();
+        console.error(options.json ? JSON.stringify({ ...o, output: undefined }) : describeOutcome(o, options.dryRun));
+        if (tty && (Date.now() - lastProgress > 200 || done === total)) {
+          lastProgress = Date.now();
+          process.stderr.write(formatProgress(done, total, Date.now() - started));
+        }
       };
       try {
         const rewrapper = new Rewrapper(plugin, config, { force: options.force, allowPartial: options.allowPartial });
         await rewrapper.prepare();
         if (files.length > 0) {
+          total = files.length;
           for (const file of files) {
             const outcome = await rewrapper.rewrap(file, await readFile(file, 'utf8'));
             if (outcome.action === 'rewrapped' && !options.dryRun) await writeAtomically(file, `${outcome.output}\n`);
@@ -197,6 +227,7 @@ export function registerRewrapCommand(program: Command): void {
           }
         } else {
           const lines = (await readStdinText()).split('\n');
+          total = lines.filter((line) => line.trim() !== '').length;
           let n = 0;
           for (const line of lines) {
             if (line.trim() === '') continue;
@@ -209,8 +240,14 @@ export function registerRewrapCommand(program: Command): void {
         }
       } finally {
         await plugin.close();
+        clearProgress();
       }
-      console.error(`rewrap: ${counts.rewrapped} rewrapped, ${counts.current} already current, ${counts.failed} failed${options.dryRun ? ' (dry run: nothing written)' : ''}`);
+      const seconds = (Date.now() - started) / 1000;
+      const rate = seconds > 0 ? ` in ${seconds.toFixed(1)} s (${(done / seconds).toFixed(1)}/s)` : '';
+      const summary = options.dryRun
+        ? `${counts.rewrapped} would be rewrapped, ${counts.current} already current, ${counts.failed} failed${rate} (dry run: nothing written)`
+        : `${counts.rewrapped} rewrapped, ${counts.current} already current, ${counts.failed} failed${rate}`;
+      console.error(`rewrap: ${summary}`);
       if (counts.failed > 0) process.exitCode = 1;
     });
 }

@@ -8,12 +8,13 @@
  * and the process exits non-zero with the reason. A plugin that serves the socket
  * without its probes would look healthy to nobody and be restarted by nobody.
  */
+import * as grpc from '@grpc/grpc-js';
 import type { Config } from '../config/schema.ts';
 import { TrousseauError } from '../errors.ts';
 import { KmsServer } from '../kms/server.ts';
 import { ObservabilityServer } from '../observability/http.ts';
 import { ScrapeListener } from '../observability/scrape-listener.ts';
-import { createLogger, type Logger } from '../observability/logger.ts';
+import { createLogger, grpcLogSink, type Logger } from '../observability/logger.ts';
 import { Metrics } from '../observability/metrics.ts';
 import { Plugin } from '../plugin.ts';
 
@@ -128,6 +129,9 @@ const CLOSE_GRACE_MS = 1000;
  * first signal: past it, the socket is removed and the process exits.
  */
 export async function serveUntilSignalled(config: Config, baseDir: string, logger: Logger): Promise<number> {
+  // grpc-js writes its own lines (GRPC_VERBOSITY, GRPC_TRACE) to stderr as plain text;
+  // through the plugin's logger they are lines of the same format as every other.
+  grpc.setLogger(grpcLogSink(logger));
   // Last-resort handlers: log the error class and message (ours are safe; a stack of
   // our own code holds no secret) rather than let Node print a crash dump of objects.
   process.on('unhandledRejection', (reason) => {

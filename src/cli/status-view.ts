@@ -30,6 +30,16 @@ export function escrowCell(escrow: BackendEscrow | undefined, now: number): stri
   return escrow.verified ? `yes${since}` : `NO ${escrow.stage ?? '?'}:${escrow.lastError ?? '?'}${since}`;
 }
 
+/** Widest KEY VERSION cell: an AWS key ARN is ~75 characters and would push the table past 200 columns. */
+const MAX_KEY_VERSION_WIDTH = 40;
+
+/** `text` shortened in the middle, where ARNs and ids differ least usefully; `--json` has it in full. */
+export function middleTruncate(text: string, max = MAX_KEY_VERSION_WIDTH): string {
+  if (text.length <= max) return text;
+  const tail = Math.floor((max - 3) / 2);
+  return `${text.slice(0, max - 3 - tail)}...${text.slice(text.length - tail)}`;
+}
+
 function ms(value: number | undefined): string {
   return value === undefined ? '-' : `${value < 10 ? value.toFixed(1) : Math.round(value)}ms`;
 }
@@ -78,7 +88,7 @@ export function renderStatus(status: StatusDocument, now = Date.now()): string {
     b.breaker,
     ms(b.latencyMs.p50),
     ms(b.latencyMs.p99),
-    b.keyVersion ?? '-',
+    b.keyVersion === undefined ? '-' : middleTruncate(b.keyVersion),
     b.lastError ? `${b.lastError} ${ago(b.lastErrorAt, now)}` : '-',
     rejectedCell(rejected.get(b.name), now),
     escrowCell(escrow.get(b.name), now),

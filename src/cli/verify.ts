@@ -53,7 +53,7 @@ export async function runVerify(options: VerifyOptions): Promise<EscrowReport> {
 export function renderEscrowReport(report: EscrowReport, now = Date.now()): string {
   const passed = report.backends.filter((b) => b.verified === true).length;
   const lines = [
-    `escrow verification: ${report.ok ? 'PASS' : 'FAIL'} (${passed} of ${report.backends.length} backends decrypt alone${report.durationMs === undefined ? '' : `; ${report.durationMs} ms`})`,
+    `escrow verification: ${report.ok ? 'PASS' : 'FAIL'} (${passed} of ${report.backends.length} ${report.backends.length === 1 ? 'backend decrypts' : 'backends decrypt'} alone${report.durationMs === undefined ? '' : `; ${report.durationMs} ms`})`,
     '',
   ];
   const header = ['BACKEND', 'ALONE DECRYPTS', 'FAILED STEP', 'LAST ERROR', 'KEY VERSION', 'OLD CANARY'];

@@ -4,19 +4,42 @@
 import test from 'ava';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { generateKeyFile } from '../../src/backends/local.ts';
 import { formatEnvelopeDocument } from '../../src/cli/envelope-document.ts';
 import { runCli, startHarness, tempDir } from '../helpers/plugin-harness.ts';
 
 test('validate accepts a good configuration', async (t) => {
+  t.timeout(300_000);
   const dir = await tempDir(t);
   const file = path.join(dir, 'good.yaml');
   await writeFile(
     file,
     ['quorum: 2', 'backends:', ...['a', 'b', 'c'].flatMap((n) => [`  - name: ${n}`, '    type: local', `    keyFile: ${n}.key`])].join('\n'),
   );
-  const result = await runCli(['validate', '-c', file]);
+  for (const n of ['a', 'b', 'c']) await generateKeyFile(path.join(dir, `${n}.key`));
+  const result = await runCli(['validate', '-c', file], { timeoutMs: 90_000 });
   t.is(result.code, 0, result.stderr);
-  t.regex(result.stdout, /valid \(3 backends: a\/local, b\/local, c\/local; quorum 2\)/);
+  t.regex(result.stdout, /valid \(3 backends: a\/local, b\/local, c\/local; quorum 2; 3 referenced files present and readable\)/);
+});
+
+test('validate checks the files a configuration names; --no-files checks the shape only', async (t) => {
+  const dir = await tempDir(t);
+  const file = path.join(dir, 'files.yaml');
+  await writeFile(file, ['quorum: 1', 'backends:', ...['a', 'b'].flatMap((n) => [`  - name: ${n}`, '    type: local', `    keyFile: ${n}.key`])].join('\n'));
+  await generateKeyFile(path.join(dir, 'a.key'));
+  const missing = await runCli(['validate', '-c', file], { timeoutMs: 90_000 });
+  t.is(missing.code, 1, missing.stdout);
+  t.regex(missing.stderr, /well-formed, but 1 referenced file fails a check:\n {2}FAIL b keyFile: .*b\.key does not exist/);
+  await writeFile(path.join(dir, 'b.key'), '', { mode: 0o644 });
+  const open = await runCli(['validate', '-c', file], { timeoutMs: 90_000 });
+  t.is(open.code, 1);
+  t.regex(open.stderr, /FAIL b keyFile: .*mode 644.*\(fix: chmod 600 /);
+  const shapeOnly = await runCli(['validate', '--no-files', '-c', file], { timeoutMs: 90_000 });
+  t.is(shapeOnly.code, 0, shapeOnly.stderr);
+  t.regex(shapeOnly.stdout, /: valid \(2 backends: a\/local, b\/local; quorum 1; files not checked\)/);
+  const one = path.join(dir, 'one.yaml');
+  await writeFile(one, 'quorum: 1\nbackends:\n  - name: a\n    type: local\n    keyFile: a.key\n');
+  t.regex((await runCli(['validate', '-c', one], { timeoutMs: 90_000 })).stdout, /valid \(1 backend: a\/local; quorum 1; 1 referenced file present/, 'plural of one');
 });
 
 test('validate names the bad field and what it expects, never the value, exit code 1', async (t) => {

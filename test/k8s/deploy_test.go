@@ -374,7 +374,7 @@ func validatePluginConfig(t *testing.T, where string, configYAML []byte) {
 	if err := os.WriteFile(file, configYAML, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	out, err := runCLIErr("validate", "--config", file)
+	out, err := runCLIErr("validate", "--no-files", "--config", file)
 	if err != nil {
 		t.Errorf("%s: trousseau validate: %v", where, err)
 		return

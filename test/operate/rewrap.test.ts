@@ -91,7 +91,7 @@ test('files are rewritten in place, current ones left alone, --dry-run writes no
 
   await addKeyToFile(h.keyFiles.get('a')!);
   result = await runCli(['rewrap', '-c', config, '--dry-run', file]);
-  t.regex(result.stderr, /rewrapped .*a [0-9a-f]+->[0-9a-f]+.*\n.*dry run/);
+  t.regex(result.stderr, /would rewrap .*a [0-9a-f]+->[0-9a-f]+.*\n.*would be rewrapped.*dry run/);
   t.is(await readFile(file, 'utf8'), original);
 
   result = await runCli(['rewrap', '-c', config, '--json', file]);

@@ -1,5 +1,7 @@
 # Shared helpers for test/servers/*.server.sh. Source it; SERVERS_DIR must be set.
 : "${SERVERS_DIR:?}"
+# Logs of the daemons this script started, shown when waiting for one of them times out.
+STARTED_LOGS=()
 
 # wait_for DESCRIPTION SECONDS COMMAND...: retry COMMAND until it succeeds or time runs out.
 wait_for() {
@@ -9,6 +11,13 @@ wait_for() {
   until "$@" >/dev/null 2>&1; do
     if [ $SECONDS -ge $deadline ]; then
       echo "timed out after ${seconds}s waiting for $what" >&2
+      # The reason is usually in the server's own output: show its end.
+      local log
+      for log in "${STARTED_LOGS[@]}"; do
+        [ -f "$log" ] || continue
+        echo "--- last lines of $log:" >&2
+        tail -n 20 "$log" >&2
+      done
       return 1
     fi
     sleep 0.5
@@ -21,6 +30,7 @@ start_daemon() {
   shift
   nohup "$@" >"$SERVERS_DIR/logs/$name.log" 2>&1 &
   echo $! >"$SERVERS_DIR/$name.pid"
+  STARTED_LOGS+=("$SERVERS_DIR/logs/$name.log")
 }
 
 # stop_daemon NAME: stop what start_daemon started.
