@@ -20,7 +20,7 @@ import { V2_MAX_CIPHERTEXT_BYTES } from '../envelope/limits.ts';
 import { placeCopies, type Transport, type WrappedCopy } from '../envelope/placement.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import { OVERTAKEN_BY_HEDGE, type GuardedBackend } from './guarded-backend.ts';
-import { linkedSignal } from './abort.ts';
+import { linkedSignal, PatientTimer } from './abort.ts';
 import { HedgeBudget } from './hedge-budget.ts';
 
 export interface EngineSettings {
@@ -184,9 +184,10 @@ export class WrapEngine {
   ): Promise<{ copies: WrappedCopy[]; notStarted: Set<string> }> {
     const { quorum, encryptDeadlineMs, stragglerGraceMs } = this.settings;
     const reserve = [...spares];
-    const abandon = linkedSignal([callerSignal], encryptDeadlineMs, ENCRYPT_DEADLINE);
-    const signal = abandon.signal;
     const deadlineAt = Date.now() + encryptDeadlineMs;
+    // Never extended for event-loop lag (latestAt = its own end): the caller's deadline is firm.
+    const abandon = linkedSignal([callerSignal], encryptDeadlineMs, ENCRYPT_DEADLINE, deadlineAt);
+    const signal = abandon.signal;
 
     return new Promise((resolve, reject) => {
       const copies: WrappedCopy[] = [];
@@ -200,7 +201,7 @@ export class WrapEngine {
       const admittedAt = new Map<string, number>();
       let started = 0;
       let settled = 0;
-      let graceTimer: NodeJS.Timeout | undefined;
+      let graceTimer: PatientTimer | undefined;
       let quorumAt: number | undefined;
       let done = false;
 
@@ -225,7 +226,7 @@ export class WrapEngine {
       const finish = () => {
         if (done) return;
         done = true;
-        clearTimeout(graceTimer);
+        graceTimer?.cancel();
         abandon.abort(ENCRYPT_FINISHED);
         // Aborted calls settle at once (GuardedBackend never waits on a backend past an
         // abort); waiting for them tells which missing copies never reached their backend.
@@ -240,12 +241,13 @@ export class WrapEngine {
        * wrap admitted after quorum is abandoned at once, like any straggler.)
        */
       const armGrace = () => {
-        clearTimeout(graceTimer);
+        graceTimer?.cancel();
         if (done || quorumAt === undefined || waitingForSlot.size > 0) return; // re-armed at the next admission
         const youngest = Math.max(quorumAt, ...admittedAt.values());
         const left = youngest + stragglerGraceMs - performance.now();
         if (left <= 0) finish();
-        else graceTimer = setTimeout(armGrace, left);
+        // Patient: a straggler's answer already in the socket when the grace ends late is read first.
+        else graceTimer = new PatientTimer(armGrace, left, deadlineAt);
       };
       const onAdmitted = (name: string) => {
         waitingForSlot.delete(name);
@@ -359,9 +361,10 @@ export class WrapEngine {
     candidates: readonly { copy: CopyEntry & { wrapped: Uint8Array }; backend: GuardedBackend }[],
     callerSignal: AbortSignal,
   ): Promise<DecryptResult> {
-    const won = linkedSignal([callerSignal], this.settings.decryptDeadlineMs, DECRYPT_DEADLINE);
-    const signal = won.signal;
     const deadlineAt = Date.now() + this.settings.decryptDeadlineMs;
+    // Never extended for event-loop lag (latestAt = its own end): the caller's deadline is firm.
+    const won = linkedSignal([callerSignal], this.settings.decryptDeadlineMs, DECRYPT_DEADLINE, deadlineAt);
+    const signal = won.signal;
     const failures: { backend: string; code: ErrorCode }[] = [];
 
     return new Promise<DecryptResult>((resolve, reject) => {
