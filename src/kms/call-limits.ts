@@ -74,7 +74,9 @@ export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.Server
           countLater = undefined;
           if (receiving >= limits.maxReceiving) {
             noteRefusal('too many requests being received at once');
-            end(grpc.status.RESOURCE_EXHAUSTED, 'too many requests are being received at once; retry later');
+            // An overload refusal like admission control's (UNAVAILABLE, "overloaded"): a
+            // burst beyond this bound gets the same explicit answer wherever it is refused.
+            end(grpc.status.UNAVAILABLE, `overloaded (receive): ${receiving} requests are being received at once; retry later`);
             return;
           }
           receiving += 1;
