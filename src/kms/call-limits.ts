@@ -15,6 +15,7 @@ import type { ServerHttp2Stream } from 'node:http2';
 import http2 from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import { PatientTimer } from '../engine/abort.ts';
 
 export interface ReceiveLimits {
   /** Time a request has to arrive in full, from its headers to its half-close. */
@@ -40,11 +41,11 @@ export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.Server
   };
 
   return (_method, call) => {
-    let timer: NodeJS.Timeout | undefined;
+    let timer: PatientTimer | undefined;
     let countLater: NodeJS.Immediate | undefined;
     let counted = false;
     const settle = () => {
-      if (timer) clearTimeout(timer);
+      timer?.cancel();
       if (countLater) clearImmediate(countLater);
       timer = undefined;
       countLater = undefined;
@@ -60,7 +61,9 @@ export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.Server
     };
     return new grpc.ServerInterceptingCall(call, {
       start(next) {
-        timer = setTimeout(() => {
+        // Patient (engine/abort.ts): when the plugin's own event loop is late, the rest of
+        // the request may be sitting unread in the socket; that is not the client's delay.
+        timer = new PatientTimer(() => {
           noteRefusal('request not received in time');
           end(grpc.status.DEADLINE_EXCEEDED, `request not received in full within ${limits.receiveTimeoutMs} ms`);
         }, limits.receiveTimeoutMs);
