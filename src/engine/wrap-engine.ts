@@ -20,7 +20,7 @@ import { V2_MAX_CIPHERTEXT_BYTES } from '../envelope/limits.ts';
 import { placeCopies, type Transport, type WrappedCopy } from '../envelope/placement.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import { OVERTAKEN_BY_HEDGE, type GuardedBackend } from './guarded-backend.ts';
-import { linkedSignal, PatientTimer } from './abort.ts';
+import { EVENT_LOOP_LAGGED, linkedSignal, PatientTimer } from './abort.ts';
 import { HedgeBudget } from './hedge-budget.ts';
 
 export interface EngineSettings {
@@ -223,11 +223,11 @@ export class WrapEngine {
         );
       };
 
-      const finish = () => {
+      const finish = (reason: TrousseauError = ENCRYPT_FINISHED) => {
         if (done) return;
         done = true;
         graceTimer?.cancel();
-        abandon.abort(ENCRYPT_FINISHED);
+        abandon.abort(reason);
         // Aborted calls settle at once (GuardedBackend never waits on a backend past an
         // abort); waiting for them tells which missing copies never reached their backend.
         void Promise.allSettled(pending).then(decide);
@@ -240,12 +240,15 @@ export class WrapEngine {
        * envelope would lack its copy because of our own load. (With a grace of 0 a
        * wrap admitted after quorum is abandoned at once, like any straggler.)
        */
-      const armGrace = () => {
+      // `lagged`: the grace ended so late (event-loop lag, no time left to give back)
+      // that a straggler cannot be told from our own delay: it is abandoned as
+      // OVERLOADED, not as a straggler, so no missed wrap is recorded (abort.ts).
+      const armGrace = (lagged = false) => {
         graceTimer?.cancel();
         if (done || quorumAt === undefined || waitingForSlot.size > 0) return; // re-armed at the next admission
         const youngest = Math.max(quorumAt, ...admittedAt.values());
         const left = youngest + stragglerGraceMs - performance.now();
-        if (left <= 0) finish();
+        if (left <= 0) finish(lagged ? EVENT_LOOP_LAGGED : ENCRYPT_FINISHED);
         // Patient: a straggler's answer already in the socket when the grace ends late is read first.
         else graceTimer = new PatientTimer(armGrace, left, deadlineAt);
       };
@@ -305,7 +308,7 @@ export class WrapEngine {
         }
       };
 
-      signal.addEventListener('abort', finish, { once: true });
+      signal.addEventListener('abort', () => finish(), { once: true });
       for (const backend of first) start(backend);
     });
   }

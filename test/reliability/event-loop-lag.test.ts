@@ -38,12 +38,22 @@ function blockEventLoop(ms: number): void {
  */
 async function stallingProxy(t: ExecutionContext, upstream: URL) {
   let armed = false;
+  let armedOnRequest = false;
   let blocked = 0;
   const server = net.createServer((client) => {
     const toServer = net.connect(Number(upstream.port), upstream.hostname);
     client.on('error', () => toServer.destroy());
     toServer.on('error', () => client.destroy());
-    client.pipe(toServer);
+    client.on('data', (chunk: Buffer) => {
+      if (armedOnRequest) {
+        // Block before the request goes on: its answer cannot be there when the loop wakes.
+        armedOnRequest = false;
+        blocked += 1;
+        blockEventLoop(BLOCK_MS);
+      }
+      toServer.write(chunk);
+    });
+    client.on('end', () => toServer.end());
     toServer.on('data', (chunk: Buffer) => {
       client.write(chunk); // libuv writes at once: the answer is in the plugin's socket
       if (!armed) return;
@@ -59,13 +69,14 @@ async function stallingProxy(t: ExecutionContext, upstream: URL) {
   return {
     address: `http://127.0.0.1:${port}`,
     blockAfterNextAnswer: () => (armed = true),
+    blockOnNextRequest: () => (armedOnRequest = true),
     get blocked() {
       return blocked;
     },
   };
 }
 
-async function startPlugin(t: ExecutionContext, quorum: number) {
+async function startPlugin(t: ExecutionContext, quorum: number, encrypt: Record<string, number> = { deadlineMs: 2900, stragglerGraceMs: 1000 }) {
   const server = requireServer('openbao');
   if ('missing' in server) {
     t.log(server.missing);
@@ -91,9 +102,9 @@ async function startPlugin(t: ExecutionContext, quorum: number) {
         },
         { name: 'local', type: 'local', keyFile: 'local.key' },
       ],
-      // A grace OpenBao keeps to even on a loaded machine, yet shorter than the block:
-      // the grace timer and the backend's timeout both fall due while the loop is blocked.
-      encrypt: { deadlineMs: 2900, stragglerGraceMs: 1000 },
+      // By default a grace OpenBao keeps to even on a loaded machine, yet shorter than
+      // the block: the grace timer and the backend's timeout both fall due while the loop is blocked.
+      encrypt,
       // Only the probes the test makes.
       health: { probeIntervalMs: 3_600_000 },
       escrow: { enabled: false },
@@ -150,4 +161,25 @@ test.serial('an Encrypt whose wrap answer waits in the socket while the event lo
   t.is(after.healthz, 'ok');
   t.is(after.keyId, before.keyId, 'the key_id moved');
   t.is(encrypted.keyId, before.keyId);
+});
+
+test.serial('a wrap still out when the event loop wakes past the Encrypt deadline is not held against the backend: refused "overloaded", key_id unchanged', async (t) => {
+  t.timeout(60_000);
+  // The loop is blocked (3 s) before the vault request is even sent on, past the vault
+  // timeout (1.5 s) and the Encrypt deadline (2 s): no one can tell whether the
+  // backend would have been in time. Quorum 1 of 2: the local copy alone could answer.
+  const rig = await startPlugin(t, 1, { deadlineMs: 2000, stragglerGraceMs: 1000 });
+  if (!rig) return t.pass();
+  const { plugin, proxy, timeouts } = rig;
+  const before = plugin.status();
+
+  proxy.blockOnNextRequest();
+  const error = await t.throwsAsync(plugin.encrypt(Buffer.from('a secret'), 'v2', new AbortController().signal));
+  t.is(proxy.blocked, 1, 'the event loop was not blocked');
+  t.is((error as { code?: string }).code, 'OVERLOADED', `not an overload refusal: ${error?.message}`);
+  t.is(await timeouts(), 0, 'a timeout fired by the late event loop was counted as the backend\'s');
+  const after = plugin.status();
+  t.is(after.healthz, 'ok');
+  t.is(after.keyId, before.keyId, 'the key_id moved (a missed wrap was recorded)');
+  t.is(plugin.backends.find((b) => b.name === 'vault')!.health().lastError, undefined, 'the backend got the blame');
 });
