@@ -81,6 +81,12 @@ function freePort(): Promise<number> {
   });
 }
 
+/** CPU time (user + system) a process has used, in seconds. */
+function cpuSeconds(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
 function rssMiB(pid: number): number {
   const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
   return round1(kb / 1024);
@@ -216,6 +222,9 @@ interface BurstResult extends BurstClientResult {
   /** What the plugin itself answered, by gRPC code (its request metrics). */
   pluginAnswered: Record<string, number>;
   rssPeakMiB: number;
+  /** The plugin's CPU time during the burst, and per call of the burst (each refusal costs gRPC work too). */
+  pluginCpuSeconds: number;
+  pluginCpuUsPerCall: number;
   load: string;
 }
 
@@ -289,7 +298,9 @@ async function burst(pid: number, metricsUrl: string, operation: 'wrap' | 'unwra
   const load = loadAverage();
   let rssPeak = rssMiB(pid);
   const sampler = setInterval(() => (rssPeak = Math.max(rssPeak, rssMiB(pid))), 100);
+  const cpuBefore = cpuSeconds(pid);
   const seen = await run().finally(() => clearInterval(sampler));
+  const cpu = cpuSeconds(pid) - cpuBefore;
   await sleep(200);
   const backendsAfter = await Promise.all(['vault', 'aws', 'local'].map((b) => metricSum(metricsUrl, 'trousseau_backend_requests_total', { backend: b, operation })));
   return {
@@ -303,6 +314,8 @@ async function burst(pid: number, metricsUrl: string, operation: 'wrap' | 'unwra
       await Promise.all(codes.map(async (code, i) => [code, (await metricSum(metricsUrl, 'trousseau_kms_requests_total', { api: 'v2', method, code })) - answeredBefore[i]!])),
     ) as Record<string, number>,
     rssPeakMiB: rssPeak,
+    pluginCpuSeconds: Math.round(cpu * 100) / 100,
+    pluginCpuUsPerCall: Math.round((cpu * 1e6) / BURST),
     load,
   };
 }
@@ -406,7 +419,7 @@ export async function runOverload(options: OverloadOptions = {}): Promise<Record
     }, 250);
 
     const line = (name: string, b: BurstResult, calls: string) =>
-      `overload ${name} burst: ok ${b.ok}, refused ${b.refusedOverloaded}, deadline ${b.deadlineExceeded}, other ${b.otherErrors}; goodput ${b.goodputPerSecond}/s = ${b.goodputOfPeakPercent} % of peak; ok p50/max ${b.okLatencyMs.p50}/${b.okLatencyMs.max} ms; refusal p50/p99 ${b.refusalLatencyMs.p50}/${b.refusalLatencyMs.p99} ms; ${calls} ${JSON.stringify(b.backendCalls)}; plugin answered ${JSON.stringify(b.pluginAnswered)}; RSS peak ${b.rssPeakMiB} MiB  (load ${b.load})`;
+      `overload ${name} burst: ok ${b.ok}, refused ${b.refusedOverloaded}, deadline ${b.deadlineExceeded}, other ${b.otherErrors}; goodput ${b.goodputPerSecond}/s = ${b.goodputOfPeakPercent} % of peak; ok p50/max ${b.okLatencyMs.p50}/${b.okLatencyMs.max} ms; refusal p50/p99 ${b.refusalLatencyMs.p50}/${b.refusalLatencyMs.p99} ms; ${calls} ${JSON.stringify(b.backendCalls)}; plugin answered ${JSON.stringify(b.pluginAnswered)}; plugin CPU ${b.pluginCpuSeconds} s (${b.pluginCpuUsPerCall} µs per call); RSS peak ${b.rssPeakMiB} MiB  (load ${b.load})`;
     const enc = await burst(pid, metricsUrl, 'wrap', peakEncrypt.okPerSecond, client, () => (client === 'go' ? goBurst(socket, 'encrypt', undefined) : nodeBurst((i) => encrypt(i))));
     result.encryptBurst = enc;
     console.error(line('Encrypt', enc, 'wraps'));

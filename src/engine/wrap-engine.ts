@@ -131,7 +131,10 @@ export class WrapEngine {
         copies: placement.copies,
         plaintext,
       });
-      for (const backend of missing) if (!notStarted.has(backend.name)) backend.recordMissedWrap();
+      // An Encrypt whose caller already left (its deadline passed under a burst) is never
+      // delivered, so its envelope never reaches etcd: a copy it lacks says nothing about
+      // new envelopes and must not move the key_id.
+      if (!callerSignal.aborted) for (const backend of missing) if (!notStarted.has(backend.name)) backend.recordMissedWrap();
       this.metrics.encryptWraps.observe(copies.length);
       if (missing.length > 0) this.metrics.underWrapped.inc();
       return { ciphertext, annotations: placement.annotations, wrappedBy, missing: missing.map((b) => b.name) };
