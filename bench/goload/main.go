@@ -214,8 +214,8 @@ func runBurst(ctx context.Context, client kmsapi.KeyManagementServiceClient, op 
 				outcomes[i] = outcome{kind: "deadline", ms: ms}
 			default:
 				msg := s.Message()
-				if len(msg) > 160 {
-					msg = msg[:160]
+				if len(msg) > 400 {
+					msg = msg[:400]
 				}
 				outcomes[i] = outcome{kind: "other", ms: ms, what: s.Code().String() + ": " + msg}
 			}

@@ -31,15 +31,20 @@ export interface ConnectionLimits {
 }
 
 /**
- * 1024 streams per connection, well above what admission control lets wait (32 in
- * flight + 128 queued by default): the apiserver sends a burst over its one connection,
- * and a call beyond the stream bound waits in the client, on the client's deadline
- * clock, where the plugin can neither serve nor refuse it. Above admission's bound,
- * the plugin sees the burst and refuses what it cannot do at once ("overloaded").
- * Memory stays bounded by the receive guard and the session memory cap below, not by
- * this number (docs/design/overload.md).
+ * 256 streams per connection (docs/design/overload.md):
+ * - above what admission control lets wait (32 in flight + 128 queued by default): the
+ *   apiserver sends a burst over its one connection, and a call beyond the stream
+ *   bound waits in the client, on its deadline clock, where the plugin can neither
+ *   serve nor refuse it; above admission's bound the plugin sees the excess and
+ *   refuses it at once ("overloaded");
+ * - not above the receive guard's 256 (RECEIVE_LIMITS): one connection alone never
+ *   trips it, so a burst is refused by admission control after each request arrived
+ *   in full, which closes the stream at once. (At 1024, refusals of requests still
+ *   arriving left streams half-open; grpc-go reused their slots before the server
+ *   had closed them and nghttp2 ended the whole connection, GOAWAY PROTOCOL_ERROR.)
+ * Memory stays bounded by the receive guard and the session memory cap below.
  */
-export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = { maxConcurrentStreams: 1024, idleTimeoutMs: 300_000 };
+export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = { maxConcurrentStreams: 256, idleTimeoutMs: 300_000 };
 
 /**
  * Fixed limits, each well clear of what the apiserver does (one long-lived connection,

@@ -7,9 +7,9 @@
  *   as the client liked. Now at most 256 may be arriving at once, each gets 2 s to
  *   arrive, a connection's HTTP/2 session memory is capped, and the server ends and
  *   resets every one of them.
- * - The same on ONE connection, 1,200 streams (beyond the 1,024 streams a connection
- *   may open, issue 10 item 6): the stream bound is not what bounds memory; the
- *   receive guard and the session memory cap are, per connection as over many.
+ * - The same on ONE connection, 1,200 streams (beyond the streams a connection may
+ *   open): the stream bound is not what bounds memory; the receive guard and the
+ *   session memory cap are, per connection as over many.
  * - 500 idle connections: before, never closed. Now closed after the idle timeout.
  */
 import test, { type ExecutionContext } from 'ava';

@@ -61,9 +61,9 @@ test.serial('600 concurrent v1 Encrypts beyond the backends\' connection pools: 
 });
 
 // The Encrypt deadline at its maximum (2.9 s): a loaded machine may take a while to send the burst.
-// The bursts come over one connection; its stream bound (1024, the default) is set
-// explicitly above admission's 32 + 128, so that they reach the admission queue these
-// tests are about whatever the default becomes.
+// The bursts come over one connection; its stream bound is set explicitly above
+// admission's 32 + 128 (the default, 256, is too), so that they reach the admission
+// queue these tests are about whatever the default becomes.
 const PATIENT = { encrypt: { deadlineMs: 2900 }, connections: { maxConcurrentStreams: 1024 } };
 
 test.serial('a burst beyond the admission bound is refused at once, explicitly, and refused calls never reach a backend', async (t) => {
