@@ -25,7 +25,7 @@
  * this process either way. Each target gets a PASS / FAIL line at the end.
  *
  * BENCH_OVERLOAD_BURST=<n> sets the burst size (default 5000); BENCH_OVERLOAD_STREAMS=<n>
- * the plugin's per-connection stream bound (default: the plugin's default, 1024).
+ * the plugin's per-connection stream bound (default: the plugin's own default, 256).
  * BENCH_PLUGIN_ROOT=<folder> runs the plugin from another checkout (e.g. the code
  * before admission control, for the comparison in docs/performance.md).
  */
