@@ -19,10 +19,17 @@
  * 100 ms) and after settling; breaker states and the key_id before and after (admin
  * Status over the socket).
  *
+ * The client is bench/goload by default (grpc-go and the k8s.io/kms types on one
+ * connection, as kube-apiserver): `--client node` measures peak and bursts from this
+ * Node process instead (one channel). The envelopes for the Decrypt burst are made by
+ * this process either way. Each target gets a PASS / FAIL line at the end.
+ *
+ * BENCH_OVERLOAD_BURST=<n> sets the burst size (default 5000); BENCH_OVERLOAD_STREAMS=<n>
+ * the plugin's per-connection stream bound (default: the plugin's own default, 256).
  * BENCH_PLUGIN_ROOT=<folder> runs the plugin from another checkout (e.g. the code
  * before admission control, for the comparison in docs/performance.md).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -33,11 +40,14 @@ import { status as grpcStatus } from '@grpc/grpc-js';
 import { generateKeyFile } from '../src/backends/local.ts';
 import { call, clientsFor } from '../src/cli/client.ts';
 import type * as T from '../src/kms/types.ts';
+import { goAvailable, goloadBinary } from './goload-binary.ts';
 import { pluginNodeArgs } from './plugin-node-args.ts';
 
 const root = path.resolve(import.meta.dirname, '..');
 const pluginRoot = process.env.BENCH_PLUGIN_ROOT ? path.resolve(process.env.BENCH_PLUGIN_ROOT) : root;
 const BURST = Number(process.env.BENCH_OVERLOAD_BURST ?? 5000);
+/** Per-connection stream bound for the plugin (connections.maxConcurrentStreams); default: the plugin's own default. */
+const STREAMS = process.env.BENCH_OVERLOAD_STREAMS ? Number(process.env.BENCH_OVERLOAD_STREAMS) : undefined;
 const DEADLINE_MS = 3000;
 const PEAK_CALLERS = 32;
 const PEAK_SECONDS = 5;
@@ -71,6 +81,12 @@ function freePort(): Promise<number> {
   });
 }
 
+/** CPU time (user + system) a process has used, in seconds. */
+function cpuSeconds(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
 function rssMiB(pid: number): number {
   const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
   return round1(kb / 1024);
@@ -102,6 +118,7 @@ async function startPlugin(dir: string): Promise<{ child: ChildProcess; socket: 
     health: { probeIntervalMs: 1000, minBackoffMs: 500, maxBackoffMs: 2000 },
     http: { listen: `127.0.0.1:${port}` },
     log: { level: 'error' },
+    ...(STREAMS === undefined ? {} : { connections: { maxConcurrentStreams: STREAMS } }),
   };
   await writeFile(path.join(dir, 'config.yaml'), JSON.stringify(config));
   const child = spawn(process.execPath, [...pluginNodeArgs(root), path.join(pluginRoot, 'src/main.ts'), 'serve', '--config', path.join(dir, 'config.yaml')], {
@@ -135,7 +152,19 @@ async function metricSum(url: string, name: string, labels: Record<string, strin
 interface AdminView {
   keyId: string;
   partial: boolean;
-  backends: { name: string; breaker: string; probeOk?: boolean }[];
+  missing?: string[];
+  backends: { name: string; breaker: string; probeOk?: boolean; lastError?: string }[];
+}
+
+/** What the report keeps of an admin view: key_id, what it lacks, breakers, each backend's last error. */
+function snapshot(view: AdminView) {
+  return {
+    keyId: view.keyId,
+    partial: view.partial,
+    missing: view.missing ?? [],
+    breakers: Object.fromEntries(view.backends.map((b) => [b.name, b.breaker])),
+    lastErrors: Object.fromEntries(view.backends.map((b) => [b.name, b.lastError ?? null])),
+  };
 }
 
 type Clients = ReturnType<typeof clientsFor>;
@@ -168,36 +197,39 @@ async function peak(callers: number, seconds: number, fire: (i: number) => Promi
   return { okPerSecond: Math.round(ok / ((performance.now() - started) / 1000)), errors };
 }
 
-interface BurstResult {
-  calls: number;
+/** What the client saw of one burst. */
+interface BurstClientResult {
   ok: number;
   refusedOverloaded: number;
   deadlineExceeded: number;
   otherErrors: number;
   otherExamples: string[];
+  /** OK answers / (first send to last OK answer). */
   goodputPerSecond: number;
-  /** Goodput as a share of the same operation's peak, in percent. */
-  goodputOfPeakPercent: number;
   okLatencyMs: { p50: number | null; p99: number | null; max: number | null };
   refusalLatencyMs: { p50: number | null; p99: number | null; max: number | null };
   /** Time from the first send to the last answer of any kind. */
   drainMs: number;
+}
+
+interface BurstResult extends BurstClientResult {
+  calls: number;
+  client: 'go' | 'node';
+  /** Goodput as a share of the same operation's peak, in percent. */
+  goodputOfPeakPercent: number;
   backendCalls: Record<string, number>;
   shed: number;
   /** What the plugin itself answered, by gRPC code (its request metrics). */
   pluginAnswered: Record<string, number>;
   rssPeakMiB: number;
+  /** The plugin's CPU time during the burst, and per call of the burst (each refusal costs gRPC work too). */
+  pluginCpuSeconds: number;
+  pluginCpuUsPerCall: number;
+  load: string;
 }
 
-/** `BURST` calls at once, each with a 3 s deadline. */
-async function burst(pid: number, metricsUrl: string, operation: 'wrap' | 'unwrap', peakPerSecond: number, fire: (i: number) => Promise<unknown>): Promise<BurstResult> {
-  const backendsBefore = await Promise.all(['vault', 'aws', 'local'].map((b) => metricSum(metricsUrl, 'trousseau_backend_requests_total', { backend: b, operation })));
-  const shedBefore = await metricSum(metricsUrl, 'trousseau_overload_shed_total');
-  const method = operation === 'wrap' ? 'Encrypt' : 'Decrypt';
-  const codes = ['OK', 'UNAVAILABLE', 'DEADLINE_EXCEEDED', 'CANCELLED'];
-  const answeredBefore = await Promise.all(codes.map((code) => metricSum(metricsUrl, 'trousseau_kms_requests_total', { api: 'v2', method, code })));
-  let rssPeak = rssMiB(pid);
-  const sampler = setInterval(() => (rssPeak = Math.max(rssPeak, rssMiB(pid))), 100);
+/** Node client: `BURST` calls at once on one channel, each with a 3 s deadline. */
+async function nodeBurst(fire: (i: number) => Promise<unknown>): Promise<BurstClientResult> {
   const okLatencies: number[] = [];
   const refusalLatencies: number[] = [];
   let deadlineExceeded = 0;
@@ -222,34 +254,90 @@ async function burst(pid: number, metricsUrl: string, operation: 'wrap' | 'unwra
       }
     }),
   );
-  clearInterval(sampler);
-  await sleep(200);
-  const backendsAfter = await Promise.all(['vault', 'aws', 'local'].map((b) => metricSum(metricsUrl, 'trousseau_backend_requests_total', { backend: b, operation })));
   okLatencies.sort((a, b) => a - b);
   refusalLatencies.sort((a, b) => a - b);
-  const goodput = okLatencies.length === 0 ? 0 : Math.round(okLatencies.length / ((lastOkAt - started) / 1000));
   return {
-    calls: BURST,
     ok: okLatencies.length,
     refusedOverloaded: refusalLatencies.length,
     deadlineExceeded,
     otherErrors: other.length,
     otherExamples: [...new Set(other)].slice(0, 3),
-    goodputPerSecond: goodput,
-    goodputOfPeakPercent: Math.round((goodput / Math.max(1, peakPerSecond)) * 100),
+    goodputPerSecond: okLatencies.length === 0 ? 0 : Math.round(okLatencies.length / ((lastOkAt - started) / 1000)),
     okLatencyMs: { p50: pct(okLatencies, 50), p99: pct(okLatencies, 99), max: pct(okLatencies, 100) },
     refusalLatencyMs: { p50: pct(refusalLatencies, 50), p99: pct(refusalLatencies, 99), max: pct(refusalLatencies, 100) },
     drainMs: Math.round(lastAnswerAt - started),
+  };
+}
+
+/** Run bench/goload with `args`; its one line of JSON. Asynchronous: this process keeps sampling meanwhile. */
+function goload(args: string[]): Promise<Record<string, unknown>> {
+  return new Promise((resolve, reject) => {
+    execFile(goloadBinary(), args, { maxBuffer: 16 * 1024 * 1024 }, (error, stdout, stderr) => {
+      if (error) reject(new Error(`goload ${args.join(' ')} failed: ${stderr || error.message}`));
+      else resolve(JSON.parse(stdout) as Record<string, unknown>);
+    });
+  });
+}
+
+/** Go client: `BURST` calls at once on one grpc-go connection, each with a 3 s deadline. */
+async function goBurst(socket: string, operation: 'encrypt' | 'decrypt', envelopeFile: string | undefined): Promise<BurstClientResult> {
+  const args = ['-socket', socket, '-op', operation, '-burst', String(BURST), '-deadline-ms', String(DEADLINE_MS)];
+  if (envelopeFile) args.push('-envelopes', envelopeFile);
+  const r = (await goload(args)) as unknown as BurstClientResult;
+  const times = (t: BurstClientResult['okLatencyMs']) => ({ p50: t.p50 === null ? null : round1(t.p50), p99: t.p99 === null ? null : round1(t.p99), max: t.max === null ? null : round1(t.max) });
+  return { ...r, okLatencyMs: times(r.okLatencyMs), refusalLatencyMs: times(r.refusalLatencyMs) };
+}
+
+/** One burst, with what the plugin did meanwhile (backend calls, its own answers, RSS). */
+async function burst(pid: number, metricsUrl: string, operation: 'wrap' | 'unwrap', peakPerSecond: number, client: 'go' | 'node', run: () => Promise<BurstClientResult>): Promise<BurstResult> {
+  const backendsBefore = await Promise.all(['vault', 'aws', 'local'].map((b) => metricSum(metricsUrl, 'trousseau_backend_requests_total', { backend: b, operation })));
+  const shedBefore = await metricSum(metricsUrl, 'trousseau_overload_shed_total');
+  const method = operation === 'wrap' ? 'Encrypt' : 'Decrypt';
+  const codes = ['OK', 'UNAVAILABLE', 'DEADLINE_EXCEEDED', 'CANCELLED', 'RESOURCE_EXHAUSTED'];
+  const answeredBefore = await Promise.all(codes.map((code) => metricSum(metricsUrl, 'trousseau_kms_requests_total', { api: 'v2', method, code })));
+  const load = loadAverage();
+  let rssPeak = rssMiB(pid);
+  const sampler = setInterval(() => (rssPeak = Math.max(rssPeak, rssMiB(pid))), 100);
+  const cpuBefore = cpuSeconds(pid);
+  const seen = await run().finally(() => clearInterval(sampler));
+  const cpu = cpuSeconds(pid) - cpuBefore;
+  await sleep(200);
+  const backendsAfter = await Promise.all(['vault', 'aws', 'local'].map((b) => metricSum(metricsUrl, 'trousseau_backend_requests_total', { backend: b, operation })));
+  return {
+    calls: BURST,
+    client,
+    ...seen,
+    goodputOfPeakPercent: Math.round((seen.goodputPerSecond / Math.max(1, peakPerSecond)) * 100),
     backendCalls: Object.fromEntries(['vault', 'aws', 'local'].map((b, i) => [b, backendsAfter[i]! - backendsBefore[i]!])),
     shed: (await metricSum(metricsUrl, 'trousseau_overload_shed_total')) - shedBefore,
     pluginAnswered: Object.fromEntries(
       await Promise.all(codes.map(async (code, i) => [code, (await metricSum(metricsUrl, 'trousseau_kms_requests_total', { api: 'v2', method, code })) - answeredBefore[i]!])),
     ) as Record<string, number>,
     rssPeakMiB: rssPeak,
+    pluginCpuSeconds: Math.round(cpu * 100) / 100,
+    pluginCpuUsPerCall: Math.round((cpu * 1e6) / BURST),
+    load,
   };
 }
 
-export async function runOverload(): Promise<Record<string, unknown>> {
+export interface OverloadOptions {
+  /** go (default: bench/goload, as kube-apiserver) or node (this process). */
+  client?: string;
+}
+
+/** One line per target: what was required, what was measured, PASS or FAIL. */
+function verdicts(checks: Record<string, { ok: boolean; detail: string }>): string[] {
+  return Object.entries(checks).map(([target, { ok, detail }]) => `  ${ok ? 'PASS' : 'FAIL'}  ${target}: ${detail}`);
+}
+
+export async function runOverload(options: OverloadOptions = {}): Promise<Record<string, unknown>> {
+  if (options.client !== undefined && options.client !== 'go' && options.client !== 'node') throw new Error(`--client must be go or node, not ${options.client}`);
+  let client: 'go' | 'node' = options.client === 'node' ? 'node' : 'go';
+  if (client === 'go' && !goAvailable()) {
+    console.error('overload: no Go toolchain found; measuring with the Node client instead (see --client)');
+    client = 'node';
+  }
+  if (client === 'go') goloadBinary(); // build before the plugin starts, not while it is measured
   const dir = await mkdtemp(path.join(os.tmpdir(), 'trousseau-overload-'));
   const { child, socket, metricsUrl } = await startPlugin(dir);
   const pid = child.pid!;
@@ -259,15 +347,21 @@ export async function runOverload(): Promise<Record<string, unknown>> {
   const adminClients = clientsFor(socket);
   const result: Record<string, unknown> = {
     load: loadAverage(),
+    client: client === 'go' ? 'go (bench/goload: grpc-go, k8s.io/kms, one connection)' : 'node (one channel)',
     backends: 'vault (OpenBao transit), aws (local-kms), local; quorum 2',
     pluginRoot: pluginRoot === root ? 'this checkout' : 'BENCH_PLUGIN_ROOT',
     burst: BURST,
     deadlineMs: DEADLINE_MS,
+    maxConcurrentStreams: STREAMS ?? 'default',
   };
   const encrypt = (i: number, deadline = DEADLINE_MS) =>
     call<T.V2EncryptRequest, T.V2EncryptResponse>(clients.v2, 'Encrypt', { plaintext: randomBytes(32), uid: `ov-${i}` }, deadline);
   const decrypt = (e: T.V2EncryptResponse, deadline = DEADLINE_MS) =>
     call<T.V2DecryptRequest, T.V2DecryptResponse>(clients.v2, 'Decrypt', { ciphertext: e.ciphertext, key_id: e.key_id, annotations: e.annotations, uid: 'ov' }, deadline);
+  const goPeak = async (operation: 'encrypt' | 'decrypt') => {
+    const r = await goload(['-socket', socket, '-op', operation, '-concurrency', String(PEAK_CALLERS), '-seconds', String(PEAK_SECONDS)]);
+    return { okPerSecond: Number(r.opsPerSec), errors: Number(r.errors) };
+  };
   try {
     // Wait until every backend answered its first probe.
     for (let tries = 0; ; tries++) {
@@ -276,62 +370,96 @@ export async function runOverload(): Promise<Record<string, unknown>> {
       if (tries > 100) throw new Error(`backends not healthy: ${JSON.stringify(view?.backends)}`);
       await sleep(200);
     }
+    result.initial = snapshot(await adminView(adminClients)); // before the peak phase (its load can move the key_id too)
     await peak(16, 1, (i) => encrypt(i, 10_000)); // warm-up: connections, JIT, latency windows
     const envelopes: T.V2EncryptResponse[] = [];
-    const peakEncrypt = await peak(PEAK_CALLERS, PEAK_SECONDS, async (i) => {
-      const e = await encrypt(i, 10_000);
-      if (envelopes.length < BURST) envelopes.push(e);
-    });
-    // Distinct envelopes for the cold Decrypt burst (and the Decrypt peak).
+    const peakEncrypt =
+      client === 'go'
+        ? await goPeak('encrypt')
+        : await peak(PEAK_CALLERS, PEAK_SECONDS, async (i) => {
+            const e = await encrypt(i, 10_000);
+            if (envelopes.length < BURST) envelopes.push(e);
+          });
+    // Distinct envelopes for the cold Decrypt burst (and the Node client's Decrypt peak).
     while (envelopes.length < BURST) {
       await Promise.all(Array.from({ length: 32 }, (_, i) => encrypt(i, 10_000).then((e) => void (envelopes.length < BURST && envelopes.push(e)), () => undefined)));
     }
-    const peakDecrypt = await peak(PEAK_CALLERS, PEAK_SECONDS, (i) => decrypt(envelopes[i % envelopes.length]!, 10_000));
-    result.peak = { callers: PEAK_CALLERS, seconds: PEAK_SECONDS, encryptPerSecond: peakEncrypt.okPerSecond, decryptPerSecond: peakDecrypt.okPerSecond, errors: peakEncrypt.errors + peakDecrypt.errors };
-    console.error(`overload peak: Encrypt ${peakEncrypt.okPerSecond}/s, Decrypt ${peakDecrypt.okPerSecond}/s  (load ${loadAverage()})`);
+    const envelopeFile = path.join(dir, 'envelopes.jsonl');
+    await writeFile(
+      envelopeFile,
+      envelopes
+        .map((e) =>
+          JSON.stringify({
+            ciphertext: Buffer.from(e.ciphertext).toString('base64'),
+            key_id: e.key_id,
+            annotations: Object.fromEntries(Object.entries(e.annotations ?? {}).map(([k, v]) => [k, Buffer.from(v).toString('base64')])),
+          }),
+        )
+        .join('\n'),
+    );
+    const peakDecrypt = client === 'go' ? await goPeak('decrypt') : await peak(PEAK_CALLERS, PEAK_SECONDS, (i) => decrypt(envelopes[i % envelopes.length]!, 10_000));
+    result.peak = { callers: PEAK_CALLERS, seconds: PEAK_SECONDS, encryptPerSecond: peakEncrypt.okPerSecond, decryptPerSecond: peakDecrypt.okPerSecond, errors: peakEncrypt.errors + peakDecrypt.errors, load: loadAverage() };
+    console.error(`overload peak (${client} client): Encrypt ${peakEncrypt.okPerSecond}/s, Decrypt ${peakDecrypt.okPerSecond}/s  (load ${loadAverage()})`);
 
     await sleep(3000);
     const before = await adminView(adminClients);
     const rssBefore = rssMiB(pid);
-    result.before = { rssMiB: rssBefore, keyId: before.keyId, partial: before.partial, breakers: Object.fromEntries(before.backends.map((b) => [b.name, b.breaker])) };
+    result.before = { rssMiB: rssBefore, ...snapshot(before) };
 
     const breakerStates = new Map<string, Set<string>>();
+    const keyIdsSeen = new Set<string>([`${before.keyId}${before.partial ? ' (partial)' : ''}`]);
     const watch = setInterval(() => {
       void adminView(adminClients).then(
-        (v) => v.backends.forEach((b) => (breakerStates.get(b.name) ?? breakerStates.set(b.name, new Set()).get(b.name)!).add(b.breaker)),
+        (v) => {
+          v.backends.forEach((b) => (breakerStates.get(b.name) ?? breakerStates.set(b.name, new Set()).get(b.name)!).add(b.breaker));
+          keyIdsSeen.add(`${v.keyId}${v.partial ? ' (partial)' : ''}`);
+        },
         () => undefined,
       );
     }, 250);
 
-    const enc = await burst(pid, metricsUrl, 'wrap', peakEncrypt.okPerSecond, (i) => encrypt(i));
+    const line = (name: string, b: BurstResult, calls: string) =>
+      `overload ${name} burst: ok ${b.ok}, refused ${b.refusedOverloaded}, deadline ${b.deadlineExceeded}, other ${b.otherErrors}; goodput ${b.goodputPerSecond}/s = ${b.goodputOfPeakPercent} % of peak; ok p50/max ${b.okLatencyMs.p50}/${b.okLatencyMs.max} ms; refusal p50/p99 ${b.refusalLatencyMs.p50}/${b.refusalLatencyMs.p99} ms; ${calls} ${JSON.stringify(b.backendCalls)}; plugin answered ${JSON.stringify(b.pluginAnswered)}; plugin CPU ${b.pluginCpuSeconds} s (${b.pluginCpuUsPerCall} µs per call); RSS peak ${b.rssPeakMiB} MiB  (load ${b.load})`;
+    const enc = await burst(pid, metricsUrl, 'wrap', peakEncrypt.okPerSecond, client, () => (client === 'go' ? goBurst(socket, 'encrypt', undefined) : nodeBurst((i) => encrypt(i))));
     result.encryptBurst = enc;
-    console.error(
-      `overload Encrypt burst: ok ${enc.ok}, refused ${enc.refusedOverloaded}, deadline ${enc.deadlineExceeded}, other ${enc.otherErrors}; goodput ${enc.goodputPerSecond}/s = ${enc.goodputOfPeakPercent} % of peak; ok max ${enc.okLatencyMs.max} ms; refusal p99 ${enc.refusalLatencyMs.p99} ms; wraps ${JSON.stringify(enc.backendCalls)}; RSS peak ${enc.rssPeakMiB} MiB  (load ${loadAverage()})`,
-    );
+    console.error(line('Encrypt', enc, 'wraps'));
     await sleep(2000);
-    const dec = await burst(pid, metricsUrl, 'unwrap', peakDecrypt.okPerSecond, (i) => decrypt(envelopes[i]!));
-    result.decryptBurst = dec;
-    console.error(
-      `overload Decrypt burst: ok ${dec.ok}, refused ${dec.refusedOverloaded}, deadline ${dec.deadlineExceeded}, other ${dec.otherErrors}; goodput ${dec.goodputPerSecond}/s = ${dec.goodputOfPeakPercent} % of peak; ok max ${dec.okLatencyMs.max} ms; refusal p99 ${dec.refusalLatencyMs.p99} ms; unwraps ${JSON.stringify(dec.backendCalls)}; RSS peak ${dec.rssPeakMiB} MiB  (load ${loadAverage()})`,
+    const dec = await burst(pid, metricsUrl, 'unwrap', peakDecrypt.okPerSecond, client, () =>
+      client === 'go' ? goBurst(socket, 'decrypt', envelopeFile) : nodeBurst((i) => decrypt(envelopes[i]!)),
     );
+    result.decryptBurst = dec;
+    console.error(line('Decrypt', dec, 'unwraps'));
     clearInterval(watch);
 
     await sleep(10_000);
     const after = await adminView(adminClients);
     const rssAfter = rssMiB(pid);
-    result.after = { rssMiB: rssAfter, keyId: after.keyId, partial: after.partial, breakers: Object.fromEntries(after.backends.map((b) => [b.name, b.breaker])) };
+    result.after = { rssMiB: rssAfter, ...snapshot(after), load: loadAverage() };
     result.breakerStatesSeen = Object.fromEntries([...breakerStates].map(([name, states]) => [name, [...states]]));
-    result.checks = {
-      encryptGoodputAtLeast80PercentOfPeak: enc.goodputOfPeakPercent >= 80,
-      decryptGoodputAtLeast80PercentOfPeak: dec.goodputOfPeakPercent >= 80,
-      everyAdmittedCallBeforeDeadline: enc.deadlineExceeded === 0 && dec.deadlineExceeded === 0 && (enc.okLatencyMs.max ?? 0) < DEADLINE_MS && (dec.okLatencyMs.max ?? 0) < DEADLINE_MS,
-      breakersStayedClosed: [...breakerStates.values()].every((s) => s.size === 1 && s.has('closed')),
-      rssPeakUnder400MiB: Math.max(enc.rssPeakMiB, dec.rssPeakMiB) < 400,
-      rssBackWithin20Percent: rssAfter <= rssBefore * 1.2,
-      keyIdUnchanged: after.keyId === before.keyId && !after.partial,
+    result.keyIdsSeen = [...keyIdsSeen];
+    const rssPeak = Math.max(enc.rssPeakMiB, dec.rssPeakMiB);
+    const late = (b: BurstResult) => b.deadlineExceeded + ((b.okLatencyMs.max ?? 0) >= DEADLINE_MS ? 1 : 0);
+    const checks = {
+      'Encrypt goodput >= 80 % of peak': { ok: enc.goodputOfPeakPercent >= 80, detail: `${enc.goodputPerSecond}/s of ${peakEncrypt.okPerSecond}/s = ${enc.goodputOfPeakPercent} %` },
+      'Decrypt goodput >= 80 % of peak': { ok: dec.goodputOfPeakPercent >= 80, detail: `${dec.goodputPerSecond}/s of ${peakDecrypt.okPerSecond}/s = ${dec.goodputOfPeakPercent} %` },
+      'every admitted call answers before its deadline': {
+        ok: late(enc) === 0 && late(dec) === 0,
+        detail: `DEADLINE_EXCEEDED at the client: Encrypt ${enc.deadlineExceeded}, Decrypt ${dec.deadlineExceeded}; slowest OK ${enc.okLatencyMs.max} / ${dec.okLatencyMs.max} ms`,
+      },
+      'breakers of healthy backends stay closed': {
+        ok: [...breakerStates.values()].every((states) => states.size === 1 && states.has('closed')),
+        detail: `seen ${JSON.stringify(result.breakerStatesSeen)}`,
+      },
+      'RSS < 400 MiB': { ok: rssPeak < 400, detail: `peak ${rssPeak} MiB` },
+      'RSS back within 20 % of pre-burst': { ok: rssAfter <= rssBefore * 1.2, detail: `${rssBefore} -> ${rssAfter} MiB (${Math.round((rssAfter / rssBefore - 1) * 100)} %) 10 s after` },
+      'key_id unchanged': {
+        ok: after.keyId === before.keyId && !after.partial && keyIdsSeen.size === 1,
+        detail: `seen ${JSON.stringify([...keyIdsSeen])}${before.partial ? ` (already partial before the bursts, missing ${JSON.stringify(before.missing)}, last errors ${JSON.stringify(snapshot(before).lastErrors)})` : ''}`,
+      },
     };
-    console.error(`overload after settling: RSS ${rssBefore} -> ${rssAfter} MiB; key_id ${after.keyId === before.keyId ? 'unchanged' : 'CHANGED'}; breakers seen ${JSON.stringify(result.breakerStatesSeen)}`);
-    console.error(`overload checks: ${JSON.stringify(result.checks)}`);
+    result.checks = Object.fromEntries(Object.entries(checks).map(([k, v]) => [k, v.ok]));
+    console.error(`overload after settling: RSS ${rssBefore} -> ${rssAfter} MiB; key_id ${after.keyId === before.keyId ? 'unchanged' : 'CHANGED'}; breakers seen ${JSON.stringify(result.breakerStatesSeen)}  (load ${loadAverage()})`);
+    console.error(`overload verdict (${client} client, ${BURST}-call bursts, load at the start ${String(result.load)}):\n${verdicts(checks).join('\n')}`);
   } finally {
     clients.close();
     adminClients.close();

@@ -69,7 +69,7 @@ if (args.scenario?.length) {
       name === 'memory'
         ? await runMemory({ calls: args.calls === undefined ? undefined : Number(args.calls) })
         : name === 'overload'
-          ? await runOverload()
+          ? await runOverload({ client: args.client })
           : (await runScenarios([name]))[name];
     // One line per scenario, so bench/results.jsonl stays one comparable record per line.
     if (args.out) emit(`scenario:${name}`, results[name] as Record<string, unknown>, { json: false, out: args.out });

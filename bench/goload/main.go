@@ -1,23 +1,37 @@
 // Command goload drives a Trousseau socket with KMS v2 Decrypt (or Encrypt) calls from
 // Go, as kube-apiserver does (google.golang.org/grpc and the k8s.io/kms API types), so
 // the load generator costs the machine what a real apiserver client would, not what a
-// Node gRPC client costs. Used by `npm run bench -- --go-client`.
+// Node gRPC client costs. Used by `npm run bench` (closed loop) and by
+// `npm run bench -- --scenario overload` (burst).
 //
 //	goload -socket PATH -op decrypt -concurrency 16 -seconds 5
+//	goload -socket PATH -op encrypt -burst 5000 [-deadline-ms 3000]
+//	goload -socket PATH -op decrypt -burst 5000 -envelopes FILE
+//
+// Burst: N calls started at once on one connection (the apiserver's one connection),
+// each with its own deadline; counts OK, UNAVAILABLE "overloaded", DEADLINE_EXCEEDED
+// and other errors, and the answer times. For decrypt, FILE holds one JSON envelope a
+// line ({"ciphertext": base64, "key_id": string, "annotations": {name: base64}}), used
+// in turn, so that each call needs its own unwrap.
 package main
 
 import (
+	"bufio"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	kmsapi "k8s.io/kms/apis/v2"
 )
 
@@ -26,7 +40,11 @@ func main() {
 	op := flag.String("op", "decrypt", "decrypt or encrypt")
 	concurrency := flag.Int("concurrency", 16, "concurrent callers")
 	seconds := flag.Float64("seconds", 5, "measured duration")
+	burst := flag.Int("burst", 0, "burst mode: this many calls at once instead of a closed loop")
+	deadlineMs := flag.Int("deadline-ms", 3000, "deadline of each call")
+	envelopes := flag.String("envelopes", "", "burst decrypt: file of envelopes, one JSON object a line")
 	flag.Parse()
+	deadline := time.Duration(*deadlineMs) * time.Millisecond
 
 	conn, err := grpc.NewClient("unix://"+*socket, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithAuthority("localhost"))
 	if err != nil {
@@ -35,13 +53,17 @@ func main() {
 	defer conn.Close()
 	client := kmsapi.NewKeyManagementServiceClient(conn)
 	ctx := context.Background()
+	if *burst > 0 {
+		runBurst(ctx, client, *op, *burst, deadline, *envelopes)
+		return
+	}
 	seed := make([]byte, 32)
 	enc, err := client.Encrypt(ctx, &kmsapi.EncryptRequest{Plaintext: seed, Uid: "goload"})
 	if err != nil {
 		fail(err)
 	}
 	call := func() error {
-		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		cctx, cancel := context.WithTimeout(ctx, deadline)
 		defer cancel()
 		if *op == "encrypt" {
 			_, err := client.Encrypt(cctx, &kmsapi.EncryptRequest{Plaintext: seed, Uid: "goload"})
@@ -83,22 +105,171 @@ func main() {
 	wg.Wait()
 	elapsed := time.Since(started).Seconds()
 	sort.Float64s(latencies)
-	pct := func(p float64) float64 {
-		if len(latencies) == 0 {
-			return 0
-		}
-		i := int(p/100*float64(len(latencies))+0.5) - 1
-		if i < 0 {
-			i = 0
-		}
-		if i >= len(latencies) {
-			i = len(latencies) - 1
-		}
-		return latencies[i]
-	}
+	pct := func(p float64) float64 { return percentile(latencies, p) }
 	out, _ := json.Marshal(map[string]any{
 		"op": *op, "concurrency": *concurrency, "ops": len(latencies), "errors": errors,
 		"opsPerSec": int(float64(len(latencies)) / elapsed), "p50": pct(50), "p99": pct(99), "p999": pct(99.9),
+	})
+	fmt.Println(string(out))
+}
+
+// percentile of sorted values (nearest rank); 0 when there are none.
+func percentile(sorted []float64, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(p/100*float64(len(sorted))+0.5) - 1
+	if i < 0 {
+		i = 0
+	}
+	if i >= len(sorted) {
+		i = len(sorted) - 1
+	}
+	return sorted[i]
+}
+
+type envelope struct {
+	Ciphertext  []byte            `json:"ciphertext"`
+	KeyID       string            `json:"key_id"`
+	Annotations map[string][]byte `json:"annotations"`
+}
+
+func readEnvelopes(file string) []envelope {
+	f, err := os.Open(file)
+	if err != nil {
+		fail(err)
+	}
+	defer f.Close()
+	var all []envelope
+	scanner := bufio.NewScanner(f)
+	scanner.Buffer(make([]byte, 1<<20), 1<<20)
+	for scanner.Scan() {
+		var e envelope
+		if err := json.Unmarshal(scanner.Bytes(), &e); err != nil {
+			fail(err)
+		}
+		all = append(all, e)
+	}
+	if err := scanner.Err(); err != nil {
+		fail(err)
+	}
+	if len(all) == 0 {
+		fail(fmt.Errorf("no envelopes in %s", file))
+	}
+	return all
+}
+
+type outcome struct {
+	kind string // ok, overloaded, deadline, other
+	ms   float64
+	what string // other: code and message
+}
+
+// runBurst starts n calls at once on the one connection, each with its own deadline,
+// and prints one JSON object with the counts and answer times.
+func runBurst(ctx context.Context, client kmsapi.KeyManagementServiceClient, op string, n int, deadline time.Duration, envelopeFile string) {
+	var envs []envelope
+	if op == "decrypt" {
+		if envelopeFile == "" {
+			fail(fmt.Errorf("burst decrypt needs -envelopes"))
+		}
+		envs = readEnvelopes(envelopeFile)
+	}
+	plaintexts := make([][]byte, n)
+	for i := range plaintexts {
+		plaintexts[i] = make([]byte, 32)
+		_, _ = rand.Read(plaintexts[i])
+	}
+	// The connection is up before the burst, as an apiserver's is.
+	if _, err := client.Status(ctx, &kmsapi.StatusRequest{}); err != nil {
+		fail(err)
+	}
+	outcomes := make([]outcome, n)
+	answeredAt := make([]time.Duration, n)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			<-start
+			t0 := time.Now()
+			cctx, cancel := context.WithTimeout(ctx, deadline)
+			defer cancel()
+			var err error
+			if op == "encrypt" {
+				_, err = client.Encrypt(cctx, &kmsapi.EncryptRequest{Plaintext: plaintexts[i], Uid: fmt.Sprintf("burst-%d", i)})
+			} else {
+				e := envs[i%len(envs)]
+				_, err = client.Decrypt(cctx, &kmsapi.DecryptRequest{Ciphertext: e.Ciphertext, KeyId: e.KeyID, Annotations: e.Annotations, Uid: fmt.Sprintf("burst-%d", i)})
+			}
+			ms := float64(time.Since(t0).Microseconds()) / 1000
+			answeredAt[i] = time.Since(t0)
+			switch s, _ := status.FromError(err); {
+			case err == nil:
+				outcomes[i] = outcome{kind: "ok", ms: ms}
+			case s.Code() == codes.Unavailable && strings.Contains(s.Message(), "overloaded"):
+				outcomes[i] = outcome{kind: "overloaded", ms: ms}
+			case s.Code() == codes.DeadlineExceeded:
+				outcomes[i] = outcome{kind: "deadline", ms: ms}
+			default:
+				msg := s.Message()
+				if len(msg) > 400 {
+					msg = msg[:400]
+				}
+				outcomes[i] = outcome{kind: "other", ms: ms, what: s.Code().String() + ": " + msg}
+			}
+		}(i)
+	}
+	began := time.Now()
+	close(start)
+	wg.Wait()
+	drain := time.Since(began)
+
+	var okMs, refusedMs, deadlineMs []float64
+	var lastOK time.Duration
+	others := map[string]bool{}
+	otherCount := 0
+	for i, o := range outcomes {
+		switch o.kind {
+		case "ok":
+			okMs = append(okMs, o.ms)
+			if answeredAt[i] > lastOK {
+				lastOK = answeredAt[i]
+			}
+		case "overloaded":
+			refusedMs = append(refusedMs, o.ms)
+		case "deadline":
+			deadlineMs = append(deadlineMs, o.ms)
+		default:
+			otherCount++
+			others[o.what] = true
+		}
+	}
+	sort.Float64s(okMs)
+	sort.Float64s(refusedMs)
+	examples := []string{}
+	for what := range others {
+		if len(examples) < 3 {
+			examples = append(examples, what)
+		}
+	}
+	goodput := 0
+	if len(okMs) > 0 && lastOK > 0 {
+		goodput = int(float64(len(okMs)) / lastOK.Seconds())
+	}
+	times := func(v []float64) map[string]any {
+		if len(v) == 0 {
+			return map[string]any{"p50": nil, "p99": nil, "max": nil}
+		}
+		return map[string]any{"p50": percentile(v, 50), "p99": percentile(v, 99), "max": v[len(v)-1]}
+	}
+	out, _ := json.Marshal(map[string]any{
+		"op": op, "calls": n, "deadlineMs": deadline.Milliseconds(),
+		"ok": len(okMs), "refusedOverloaded": len(refusedMs), "deadlineExceeded": len(deadlineMs),
+		"otherErrors": otherCount, "otherExamples": examples,
+		"goodputPerSecond": goodput, "okLatencyMs": times(okMs), "refusalLatencyMs": times(refusedMs),
+		"drainMs": drain.Milliseconds(),
 	})
 	fmt.Println(string(out))
 }

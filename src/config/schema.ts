@@ -170,8 +170,8 @@ export const configSchema = z
     /** Connection limits of the KMS socket and the HTTP listener (docs/security.md says why). */
     connections: z
       .object({
-        /** Calls open at once on one gRPC connection (default 128). */
-        maxConcurrentStreams: z.number().int().min(1).max(10000).default(128),
+        /** Calls open at once on one gRPC connection (default 256: above the admission bound, so a burst is refused by the plugin, not queued in the client; not above the 256 requests that may be arriving at once). */
+        maxConcurrentStreams: z.number().int().min(1).max(10000).default(256),
         /** Close a gRPC connection with no call open for this long (default 300000). */
         idleTimeoutMs: z.number().int().min(1000).max(86_400_000).default(300_000),
         /** Most HTTP connections open at once (default 32; never more than 1/16 of the descriptor limit). */

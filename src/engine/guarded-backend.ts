@@ -78,12 +78,22 @@ const OUTCOME_BY_CODE: Partial<Record<ErrorCode, BackendOutcome>> = {
   DEADLINE: 'timeout',
   BREAKER_OPEN: 'breaker_open',
   CANCELLED: 'cancelled',
+  OVERLOADED: 'shed',
 };
 
-/** Errors that say nothing about the backend's availability. */
+/**
+ * Errors that say nothing about the backend's availability. OVERLOADED: a call the
+ * plugin itself could not wait for (its event loop was late past the caller's deadline).
+ */
 function isCallerError(error: unknown): boolean {
   const code = errorCodeOf(error);
-  return code === 'BACKEND_REJECTED' || code === 'CANCELLED';
+  return code === 'BACKEND_REJECTED' || code === 'CANCELLED' || code === 'OVERLOADED';
+}
+
+/** A call that ended before the backend could prove anything either way. */
+function isUnjudged(error: unknown): boolean {
+  const code = errorCodeOf(error);
+  return code === 'CANCELLED' || code === 'OVERLOADED';
 }
 
 type Action = (signal: AbortSignal) => Promise<unknown>;
@@ -141,9 +151,10 @@ export class GuardedBackend {
       rollingCountBuckets: 10,
       rollingPercentilesEnabled: false,
       // A filtered error counts as a success, and a success closes a half-open breaker:
-      // a trial that was cancelled (a hedge won, the client left) proved nothing, so it
+      // a trial that was cancelled (a hedge won, the client left) or abandoned for our
+      // own overload proved nothing, so it
       // counts as a failure there and the breaker waits another resetTimeout.
-      errorFilter: (error: unknown) => isCallerError(error) && !(errorCodeOf(error) === 'CANCELLED' && this.breaker.halfOpen),
+      errorFilter: (error: unknown) => isCallerError(error) && !(isUnjudged(error) && this.breaker.halfOpen),
       name: backend.name,
     });
     const setState = (state: BreakerState) => {
@@ -285,16 +296,27 @@ export class GuardedBackend {
     }
     try {
       options.onAdmitted?.();
-      return await this.callAdmitted(operation, fn, callerSignal, check);
+      return await this.callAdmitted(operation, fn, callerSignal, check, options.deadlineAt);
     } finally {
       slot.release();
     }
   }
 
-  /** The call itself, once admitted: its timeout, breaker and latency clocks start here. */
-  private async callAdmitted<T>(operation: BackendOperation, fn: (signal: AbortSignal) => Promise<T>, callerSignal: AbortSignal, check: (result: T) => string | undefined): Promise<T> {
+  /**
+   * The call itself, once admitted: its timeout, breaker and latency clocks start here.
+   * The timeout does not count the event loop's lag (abort.ts, PatientTimer): an
+   * answer already in the socket when the timer fires is read first, and a timer that
+   * fired late extends once, never past the caller's `deadlineAt`.
+   */
+  private async callAdmitted<T>(
+    operation: BackendOperation,
+    fn: (signal: AbortSignal) => Promise<T>,
+    callerSignal: AbortSignal,
+    check: (result: T) => string | undefined,
+    deadlineAt: number | undefined,
+  ): Promise<T> {
     const started = performance.now();
-    const linked = linkedSignal([callerSignal], this.settings.timeoutMs, CALL_TIMED_OUT);
+    const linked = linkedSignal([callerSignal], this.settings.timeoutMs, CALL_TIMED_OUT, deadlineAt);
     const signal = linked.signal;
     const action: Action = async (s) => {
       let result: T;
@@ -327,10 +349,11 @@ export class GuardedBackend {
       const error = this.classify(raw, callerSignal, linked);
       const outcome = OUTCOME_BY_CODE[error.code] ?? 'unavailable';
       this.metrics.backendRequests.inc({ backend: this.name, operation, outcome });
-      if (outcome !== 'breaker_open' && outcome !== 'cancelled') {
+      const notTheBackends = outcome === 'breaker_open' || outcome === 'cancelled' || outcome === 'shed';
+      if (!notTheBackends) {
         this.metrics.backendLatency.observe({ backend: this.name, operation }, (performance.now() - started) / 1000);
       }
-      if (outcome !== 'cancelled' && outcome !== 'breaker_open') {
+      if (!notTheBackends) {
         this.lastError = error.code;
         this.lastErrorAt = this.now();
       }
@@ -347,6 +370,10 @@ export class GuardedBackend {
    */
   private abandoned(callerSignal: AbortSignal, cause: unknown): TrousseauError {
     const reason: unknown = callerSignal.reason;
+    if (isTrousseauError(reason) && reason.code === 'OVERLOADED') {
+      // The caller's own deadline fired too late to judge (event-loop lag): local overload.
+      return new TrousseauError('OVERLOADED', `call to backend ${this.name} was abandoned: ${reason.message}`, { cause });
+    }
     if (reason === OVERTAKEN_BY_HEDGE && ++this.overtakenInARow % SUSPECT_AFTER_OVERTAKEN === 0) this.onSuspect();
     if (isTrousseauError(reason) && reason.code === 'DEADLINE') {
       return new TrousseauError('DEADLINE', `backend ${this.name} was too slow: ${reason.message}`, { cause });
@@ -355,14 +382,17 @@ export class GuardedBackend {
   }
 
   /** Turn whatever the call threw into a TrousseauError with a safe message. */
-  private classify(raw: unknown, callerSignal: AbortSignal, call: { readonly timedOut: boolean }): TrousseauError {
+  private classify(raw: unknown, callerSignal: AbortSignal, call: { readonly timedOut: boolean; readonly lagged: boolean }): TrousseauError {
     if ((raw as { code?: unknown }).code === 'EOPENBREAKER') {
       return new TrousseauError('BREAKER_OPEN', `backend ${this.name} is failing; its circuit breaker is open`);
     }
     if (callerSignal.aborted) {
       // Already classified inside the action (see there); anything else was abandoned too.
-      if (isTrousseauError(raw) && (raw.code === 'CANCELLED' || raw.code === 'DEADLINE')) return raw;
+      if (isTrousseauError(raw) && (raw.code === 'CANCELLED' || raw.code === 'DEADLINE' || raw.code === 'OVERLOADED')) return raw;
       return this.abandoned(callerSignal, raw);
+    }
+    if (call.lagged) {
+      return new TrousseauError('OVERLOADED', `call to backend ${this.name} was abandoned: the plugin's event loop was too late to judge its timeout`, { cause: raw });
     }
     if (call.timedOut) {
       return new TrousseauError('DEADLINE', `backend ${this.name} did not answer within ${this.settings.timeoutMs} ms`, { cause: raw });

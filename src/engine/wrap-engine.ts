@@ -20,7 +20,7 @@ import { V2_MAX_CIPHERTEXT_BYTES } from '../envelope/limits.ts';
 import { placeCopies, type Transport, type WrappedCopy } from '../envelope/placement.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import { OVERTAKEN_BY_HEDGE, type GuardedBackend } from './guarded-backend.ts';
-import { linkedSignal } from './abort.ts';
+import { EVENT_LOOP_LAGGED, linkedSignal, PatientTimer } from './abort.ts';
 import { HedgeBudget } from './hedge-budget.ts';
 
 export interface EngineSettings {
@@ -133,7 +133,10 @@ export class WrapEngine {
         copies: placement.copies,
         plaintext,
       });
-      for (const backend of missing) if (!notStarted.has(backend.name)) backend.recordMissedWrap();
+      // An Encrypt whose caller already left (its deadline passed under a burst) is never
+      // delivered, so its envelope never reaches etcd: a copy it lacks says nothing about
+      // new envelopes and must not move the key_id.
+      if (!callerSignal.aborted) for (const backend of missing) if (!notStarted.has(backend.name)) backend.recordMissedWrap();
       this.metrics.encryptWraps.observe(copies.length);
       if (missing.length > 0) this.metrics.underWrapped.inc();
       return { ciphertext, annotations: placement.annotations, wrappedBy, missing: missing.map((b) => b.name) };
@@ -186,9 +189,10 @@ export class WrapEngine {
   ): Promise<{ copies: WrappedCopy[]; notStarted: Set<string> }> {
     const { quorum, encryptDeadlineMs, stragglerGraceMs, stragglerLatencyFactor } = this.settings;
     const reserve = [...spares];
-    const abandon = linkedSignal([callerSignal], encryptDeadlineMs, ENCRYPT_DEADLINE);
-    const signal = abandon.signal;
     const deadlineAt = Date.now() + encryptDeadlineMs;
+    // Never extended for event-loop lag (latestAt = its own end): the caller's deadline is firm.
+    const abandon = linkedSignal([callerSignal], encryptDeadlineMs, ENCRYPT_DEADLINE, deadlineAt);
+    const signal = abandon.signal;
 
     return new Promise((resolve, reject) => {
       const copies: WrappedCopy[] = [];
@@ -202,7 +206,7 @@ export class WrapEngine {
       const admittedAt = new Map<string, number>();
       let started = 0;
       let settled = 0;
-      let graceTimer: NodeJS.Timeout | undefined;
+      let graceTimer: PatientTimer | undefined;
       let quorumAt: number | undefined;
       let done = false;
 
@@ -224,11 +228,11 @@ export class WrapEngine {
         );
       };
 
-      const finish = () => {
+      const finish = (reason: TrousseauError = ENCRYPT_FINISHED) => {
         if (done) return;
         done = true;
-        clearTimeout(graceTimer);
-        abandon.abort(ENCRYPT_FINISHED);
+        graceTimer?.cancel();
+        abandon.abort(reason);
         // Aborted calls settle at once (GuardedBackend never waits on a backend past an
         // abort); waiting for them tells which missing copies never reached their backend.
         void Promise.allSettled(pending).then(decide);
@@ -251,14 +255,18 @@ export class WrapEngine {
         const typical = stragglerLatencyFactor > 0 ? this.byName.get(name)?.latency.percentile(95) : undefined;
         return from + Math.max(stragglerGraceMs, typical === undefined ? 0 : stragglerLatencyFactor * typical);
       };
-      const armGrace = () => {
-        clearTimeout(graceTimer);
+      // `lagged`: the grace ended so late (event-loop lag, no time left to give back)
+      // that a straggler cannot be told from our own delay: it is abandoned as
+      // OVERLOADED, not as a straggler, so no missed wrap is recorded (abort.ts).
+      const armGrace = (lagged = false) => {
+        graceTimer?.cancel();
         if (done || quorumAt === undefined || waitingForSlot.size > 0) return; // re-armed at the next admission
         let graceEnd = quorumAt + stragglerGraceMs;
         for (const name of inProgress) graceEnd = Math.max(graceEnd, graceEndFor(name, Math.max(quorumAt, admittedAt.get(name) ?? quorumAt)));
         const left = graceEnd - performance.now();
-        if (left <= 0) finish();
-        else graceTimer = setTimeout(armGrace, left);
+        if (left <= 0) finish(lagged ? EVENT_LOOP_LAGGED : ENCRYPT_FINISHED);
+        // Patient: a straggler's answer already in the socket when the grace ends late is read first.
+        else graceTimer = new PatientTimer(armGrace, left, deadlineAt);
       };
       const onAdmitted = (name: string) => {
         waitingForSlot.delete(name);
@@ -316,7 +324,7 @@ export class WrapEngine {
         }
       };
 
-      signal.addEventListener('abort', finish, { once: true });
+      signal.addEventListener('abort', () => finish(), { once: true });
       for (const backend of first) start(backend);
     });
   }
@@ -372,9 +380,10 @@ export class WrapEngine {
     candidates: readonly { copy: CopyEntry & { wrapped: Uint8Array }; backend: GuardedBackend }[],
     callerSignal: AbortSignal,
   ): Promise<DecryptResult> {
-    const won = linkedSignal([callerSignal], this.settings.decryptDeadlineMs, DECRYPT_DEADLINE);
-    const signal = won.signal;
     const deadlineAt = Date.now() + this.settings.decryptDeadlineMs;
+    // Never extended for event-loop lag (latestAt = its own end): the caller's deadline is firm.
+    const won = linkedSignal([callerSignal], this.settings.decryptDeadlineMs, DECRYPT_DEADLINE, deadlineAt);
+    const signal = won.signal;
     const failures: { backend: string; code: ErrorCode }[] = [];
 
     return new Promise<DecryptResult>((resolve, reject) => {

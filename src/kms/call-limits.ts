@@ -7,13 +7,15 @@
  * which without a client deadline is forever. This guard gives every call
  * `receiveTimeoutMs` to arrive in full and lets at most `maxReceiving` calls be
  * arriving at once; beyond either, the call gets a clear status and its HTTP/2 stream
- * is reset, which frees what it had buffered. Calls that arrived in full are not
- * counted: bounding work in progress is the handlers' job.
+ * is reset, which frees what it had buffered. Calls that arrived in full (within the
+ * turn of the event loop that read their headers) are not counted: bounding work in
+ * progress is the handlers' job (admission control).
  */
 import type { ServerHttp2Stream } from 'node:http2';
 import http2 from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import { PatientTimer } from '../engine/abort.ts';
 
 export interface ReceiveLimits {
   /** Time a request has to arrive in full, from its headers to its half-close. */
@@ -39,11 +41,14 @@ export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.Server
   };
 
   return (_method, call) => {
-    let timer: NodeJS.Timeout | undefined;
+    let timer: PatientTimer | undefined;
+    let countLater: NodeJS.Immediate | undefined;
     let counted = false;
     const settle = () => {
-      if (timer) clearTimeout(timer);
+      timer?.cancel();
+      if (countLater) clearImmediate(countLater);
       timer = undefined;
+      countLater = undefined;
       if (counted) receiving -= 1;
       counted = false;
     };
@@ -56,17 +61,30 @@ export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.Server
     };
     return new grpc.ServerInterceptingCall(call, {
       start(next) {
-        if (receiving >= limits.maxReceiving) {
-          noteRefusal('too many requests being received at once');
-          end(grpc.status.RESOURCE_EXHAUSTED, 'too many requests are being received at once; retry later');
-          return; // the handler never starts
-        }
-        receiving += 1;
-        counted = true;
-        timer = setTimeout(() => {
+        // Patient (engine/abort.ts): when the plugin's own event loop is late, the rest of
+        // the request may be sitting unread in the socket; that is not the client's delay.
+        timer = new PatientTimer(() => {
           noteRefusal('request not received in time');
           end(grpc.status.DEADLINE_EXCEEDED, `request not received in full within ${limits.receiveTimeoutMs} ms`);
         }, limits.receiveTimeoutMs);
+        // Counted only if it is still arriving after this turn of the event loop
+        // (setImmediate runs after the reads of this turn): a request that came in full
+        // with its headers, as every real one does, holds nothing worth bounding. A burst
+        // of a thousand calls read at once on one connection must reach admission
+        // control, which refuses what it cannot do with a clear "overloaded"; counted
+        // at its headers, most of it would be refused here for being "received".
+        countLater = setImmediate(() => {
+          countLater = undefined;
+          if (receiving >= limits.maxReceiving) {
+            noteRefusal('too many requests being received at once');
+            // An overload refusal like admission control's (UNAVAILABLE, "overloaded"): a
+            // burst beyond this bound gets the same explicit answer wherever it is refused.
+            end(grpc.status.UNAVAILABLE, `overloaded (receive): ${receiving} requests are being received at once; retry later`);
+            return;
+          }
+          receiving += 1;
+          counted = true;
+        });
         next({
           onReceiveHalfClose(nextHalfClose) {
             settle();

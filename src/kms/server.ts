@@ -30,7 +30,21 @@ export interface ConnectionLimits {
   idleTimeoutMs: number;
 }
 
-export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = { maxConcurrentStreams: 128, idleTimeoutMs: 300_000 };
+/**
+ * 256 streams per connection (docs/design/overload.md):
+ * - above what admission control lets wait (32 in flight + 128 queued by default): the
+ *   apiserver sends a burst over its one connection, and a call beyond the stream
+ *   bound waits in the client, on its deadline clock, where the plugin can neither
+ *   serve nor refuse it; above admission's bound the plugin sees the excess and
+ *   refuses it at once ("overloaded");
+ * - not above the receive guard's 256 (RECEIVE_LIMITS): one connection alone never
+ *   trips it, so a burst is refused by admission control after each request arrived
+ *   in full, which closes the stream at once. (At 1024, refusals of requests still
+ *   arriving left streams half-open; grpc-go reused their slots before the server
+ *   had closed them and nghttp2 ended the whole connection, GOAWAY PROTOCOL_ERROR.)
+ * Memory stays bounded by the receive guard and the session memory cap below.
+ */
+export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = { maxConcurrentStreams: 256, idleTimeoutMs: 300_000 };
 
 /**
  * Fixed limits, each well clear of what the apiserver does (one long-lived connection,
@@ -42,7 +56,8 @@ export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = { maxConcurrentStream
  * - a connection lives at most about an hour (grpc-js adds +/-10 % jitter), then gets
  *   a GOAWAY and 30 s for its calls to finish: any client reconnects transparently;
  * - Node's HTTP/2 session memory per connection is capped at 64 MiB (past it Node
- *   refuses new streams on that connection); the apiserver's worst case is 32 MiB.
+ *   refuses new streams on that connection): whatever the stream bound, one
+ *   connection's buffered requests and unread responses stay under it.
  */
 const RECEIVE_LIMITS = { receiveTimeoutMs: 2000, maxReceiving: 256 };
 const KEEPALIVE_TIME_MS = 60_000;

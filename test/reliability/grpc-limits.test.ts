@@ -7,6 +7,9 @@
  *   as the client liked. Now at most 256 may be arriving at once, each gets 2 s to
  *   arrive, a connection's HTTP/2 session memory is capped, and the server ends and
  *   resets every one of them.
+ * - The same on ONE connection, 1,200 streams (beyond the streams a connection may
+ *   open): the stream bound is not what bounds memory; the receive guard and the
+ *   session memory cap are, per connection as over many.
  * - 500 idle connections: before, never closed. Now closed after the idle timeout.
  */
 import test, { type ExecutionContext } from 'ava';
@@ -105,6 +108,40 @@ test.serial('2,000 half-sent 200 KiB requests: memory stays bounded and the serv
   t.log(
     `RSS ${before.toFixed(0)} MiB before, peak ${peak.toFixed(0)} MiB (+${(peak - before).toFixed(0)}); ${streams.length - stillOpen()} of ${streams.length} streams ended by the server (by reset code: ${JSON.stringify(Object.fromEntries(resets))})`,
   );
+  t.is(stillOpen(), 0, 'half-sent requests were left open');
+  t.true(peak - before < 150, `half-sent requests pinned +${(peak - before).toFixed(0)} MiB`);
+  await roundTrip(socketPath);
+});
+
+test.serial('1,200 half-sent 200 KiB requests on one connection: memory stays bounded and the server ends every one of them', async (t) => {
+  t.timeout(90_000);
+  const { socketPath, pid } = await servePlugin(t);
+  await roundTrip(socketPath);
+  const before = rssMiB(pid);
+  const session = await connect(socketPath);
+  t.teardown(() => session.destroy());
+  session.on('error', () => undefined);
+  const header = Buffer.alloc(5);
+  header.writeUInt32BE(MESSAGE_BYTES, 1);
+  const body = Buffer.alloc(MESSAGE_BYTES - 1024, 0x61);
+  const streams: http2.ClientHttp2Stream[] = [];
+  for (let i = 0; i < 1200; i++) {
+    const stream = session.request({ ':method': 'POST', ':path': '/v2.KeyManagementService/Encrypt', 'content-type': 'application/grpc', te: 'trailers' });
+    stream.on('error', () => undefined);
+    stream.resume();
+    stream.write(header);
+    stream.write(body);
+    streams.push(stream);
+  }
+  let peak = before;
+  const stillOpen = () => streams.filter((stream) => !stream.closed && !stream.destroyed).length;
+  const deadline = Date.now() + 40_000;
+  while (Date.now() < deadline && stillOpen() > 0) {
+    peak = Math.max(peak, rssMiB(pid));
+    await sleep(100);
+  }
+  peak = Math.max(peak, rssMiB(pid));
+  t.log(`RSS ${before.toFixed(0)} MiB before, peak ${peak.toFixed(0)} MiB (+${(peak - before).toFixed(0)}); ${streams.length - stillOpen()} of ${streams.length} streams ended`);
   t.is(stillOpen(), 0, 'half-sent requests were left open');
   t.true(peak - before < 150, `half-sent requests pinned +${(peak - before).toFixed(0)} MiB`);
   await roundTrip(socketPath);
