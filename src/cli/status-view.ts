@@ -63,6 +63,17 @@ function rejectedCell(rejected: RejectedCopies | undefined, now: number): string
   return rejected ? `${rejected.count} ${rejected.lastReason} ${ago(rejected.lastAt, now)}` : '-';
 }
 
+/**
+ * The cause behind each LAST ERROR, below the table (a cell would make the table as
+ * wide as the longest message); `--json` has it whole as lastErrorCause.
+ */
+function causeLines(backends: StatusDocument['backends'], now: number): string[] {
+  const withCause = backends.filter((b) => b.lastError && b.lastErrorCause);
+  if (withCause.length === 0) return [];
+  const width = Math.max(...withCause.map((b) => b.name.length));
+  return ['', 'last errors:', ...withCause.map((b) => `  ${b.name.padEnd(width)}  ${b.lastError} ${ago(b.lastErrorAt, now)}: ${middleTruncate(b.lastErrorCause!, 160)}`)];
+}
+
 function servingLine(status: StatusDocument): string {
   if (status.healthy) return 'yes';
   return status.reasons?.length ? `NO: ${status.reasons.join('; ')}` : 'NO BACKEND REACHABLE';
@@ -95,5 +106,5 @@ export function renderStatus(status: StatusDocument, now = Date.now()): string {
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   const format = (cells: string[]) => cells.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd();
-  return [...lines, format(header), ...rows.map(format)].join('\n');
+  return [...lines, format(header), ...rows.map(format), ...causeLines(status.backends, now)].join('\n');
 }

@@ -64,6 +64,13 @@ export interface BackendHealth {
   probeOk: boolean | undefined;
   /** Error class of the last failed call or probe. */
   lastError: ErrorCode | undefined;
+  /**
+   * What that failure was, in the plugin's own words (the message its log line has:
+   * a timeout, an HTTP status, a key file problem). Never a secret; it may name a key
+   * version read from an envelope (printable ASCII, bounded), so it is data to show,
+   * not to trust.
+   */
+  lastErrorCause?: string | undefined;
   lastErrorAt: number | undefined;
   lastSuccessAt: number | undefined;
   /** Since when the backend has been healthy without interruption (undefined while unhealthy). */
@@ -71,6 +78,8 @@ export interface BackendHealth {
   keyVersion: string | undefined;
   latencyMs: { p50: number | undefined; p95: number | undefined; p99: number | undefined };
 }
+
+const MAX_CAUSE_CHARS = 300;
 
 const OUTCOME_BY_CODE: Partial<Record<ErrorCode, BackendOutcome>> = {
   BACKEND_REJECTED: 'rejected',
@@ -108,6 +117,7 @@ export class GuardedBackend {
   private readonly breaker: CircuitBreaker<[Action, AbortSignal], unknown>;
   private probeOk: boolean | undefined;
   private lastError: ErrorCode | undefined;
+  private lastErrorCause: string | undefined;
   private lastErrorAt: number | undefined;
   private lastSuccessAt: number | undefined;
   private healthySince: number | undefined;
@@ -194,6 +204,7 @@ export class GuardedBackend {
       breaker: this.breakerState,
       probeOk: this.probeOk,
       lastError: this.lastError,
+      lastErrorCause: this.lastErrorCause,
       lastErrorAt: this.lastErrorAt,
       lastSuccessAt: this.lastSuccessAt,
       healthySince: this.healthySince,
@@ -355,6 +366,8 @@ export class GuardedBackend {
       }
       if (!notTheBackends) {
         this.lastError = error.code;
+        // Bounded: a status document must stay small whatever a message grows to.
+        this.lastErrorCause = error.message.slice(0, MAX_CAUSE_CHARS);
         this.lastErrorAt = this.now();
       }
       this.logger.debug({ backend: this.name, operation, outcome, code: error.code }, 'backend call failed');

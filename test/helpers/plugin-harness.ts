@@ -73,7 +73,7 @@ export interface AdminStatus {
   missing: string[];
   quorum: number;
   healthy: boolean;
-  backends: { name: string; breaker: string; probeOk: boolean | undefined; keyVersion?: string; lastError?: string }[];
+  backends: { name: string; breaker: string; probeOk: boolean | undefined; keyVersion?: string; lastError?: string; lastErrorCause?: string }[];
 }
 
 /** A fresh temporary folder, removed in teardown. */

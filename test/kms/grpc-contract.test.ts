@@ -5,6 +5,8 @@
 import test from 'ava';
 import { status } from '@grpc/grpc-js';
 import { call } from '../../src/cli/client.ts';
+import { renderStatus, type StatusDocument } from '../../src/cli/status-view.ts';
+import { unavailable } from '../helpers/fault-backend.ts';
 import type * as T from '../../src/kms/types.ts';
 import { grpcError, startHarness } from '../helpers/plugin-harness.ts';
 
@@ -90,6 +92,19 @@ test('admin Status is JSON with the key_id, quorum and each backend, and no key 
     const key = (await readFile(file, 'utf8')).trim();
     t.false(raw.includes(key), 'admin status must not show key material');
   }
+});
+
+test('admin Status says why a backend failed last (lastErrorCause), and `trousseau status` prints it under the table', async (t) => {
+  const h = await startHarness(t);
+  h.fault('b').setMode(unavailable);
+  await h.encrypt(Buffer.alloc(32, 9));
+  const admin = await h.admin();
+  const b = admin.backends.find((x) => x.name === 'b')!;
+  t.is(b.lastError, 'BACKEND_UNAVAILABLE');
+  t.is(b.lastErrorCause, 'injected outage of b');
+  t.is(admin.backends.find((x) => x.name === 'a')!.lastErrorCause, undefined);
+  const table = renderStatus(admin as unknown as StatusDocument); // the same JSON document the CLI reads
+  t.regex(table, /last errors:\n {2}b {2}BACKEND_UNAVAILABLE \d+s ago: injected outage of b$/);
 });
 
 test('200 concurrent Decrypts through the socket all succeed', async (t) => {
