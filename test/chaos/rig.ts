@@ -201,7 +201,12 @@ export function chaosConfig(servers: ChaosServers, proxies: Proxies, socketPath:
     // An Azure copy costs two emulator calls in a row (wrapKey, then sign): with 300 ms
     // it often missed the grace under load, and each such envelope moved the key_id to
     // a partial one naming azure, which the scenarios would misread as instability.
-    encrypt: { deadlineMs: 2000, stragglerGraceMs: 800 },
+    // The fixed grace alone (latency factor 0): with the factor, wraps held by a
+    // phase's 2 s latency tail can stay in flight past the grace and time out after
+    // the phase has ended, so the next phase begins with the azure breaker's window
+    // full and a backend the schedule calls "up" refusing: the likely cause of the one
+    // soak failure seen here after the factor came in.
+    encrypt: { deadlineMs: 2000, stragglerGraceMs: 800, stragglerLatencyFactor: 0 },
     decrypt: { deadlineMs: 2500 },
     breaker: { resetTimeoutMs: t.resetTimeoutMs, rollingWindowMs: 1000, volumeThreshold: 3, errorThresholdPercentage: 50 },
     health: { probeIntervalMs: t.probeIntervalMs, minBackoffMs: t.minBackoffMs, maxBackoffMs: t.maxBackoffMs, recoverAfterMs: t.recoverAfterMs },
