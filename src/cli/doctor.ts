@@ -32,7 +32,7 @@ import type { KeyBackend } from '../backends/backend.ts';
 import { loadConfigFile } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
 import { errorCodeOf, isTrousseauError } from '../errors.ts';
-import { prepareTrustedFolder, resolveGroup } from '../kms/socket.ts';
+import { isServed, prepareTrustedFolder, resolveGroup } from '../kms/socket.ts';
 import { silentLogger } from '../observability/logger.ts';
 
 export type CheckStatus = 'pass' | 'warn' | 'fail' | 'skip';
@@ -276,7 +276,7 @@ async function checkSocket(config: Config): Promise<CheckResult[]> {
       const at = await lstat(path.join(real, path.basename(socketPath))).catch(() => undefined);
       if (at && !at.isSocket()) {
         results.push(fail('socket', `${socketPath} exists and is not a socket`, 'move that file away; serve never replaces it'));
-      } else if (at && (await listening(path.join(real, path.basename(socketPath))))) {
+      } else if (at && (await isServed(path.join(real, path.basename(socketPath))))) {
         results.push(warn('socket', `a process already serves ${socketPath}`, 'expected if the plugin runs on this node; serve refuses to start a second one on it'));
       }
     } catch (error) {
@@ -292,19 +292,6 @@ async function checkSocket(config: Config): Promise<CheckResult[]> {
     }
   }
   return results;
-}
-
-function listening(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const probe = net.connect(socketPath);
-    const done = (served: boolean) => {
-      probe.destroy();
-      resolve(served);
-    };
-    probe.once('connect', () => done(true));
-    probe.once('error', () => done(false));
-    probe.setTimeout(1000, () => done(true));
-  });
 }
 
 function splitHostPort(listen: string): { host: string; port: number } {

@@ -125,7 +125,7 @@ export async function prepareTrustedFolder(folder: string): Promise<string> {
 }
 
 /** True when something accepts connections on the socket. */
-function isServed(socketPath: string): Promise<boolean> {
+export function isServed(socketPath: string): Promise<boolean> {
   return new Promise((resolve) => {
     const probe = net.connect(socketPath);
     const done = (served: boolean) => {
