@@ -2,8 +2,8 @@
  * Overload scenario (`npm run bench -- --scenario overload [--json] [--out FILE]`):
  * `trousseau serve --config` in its own process against the real test servers of
  * test/servers/up.sh — OpenBao transit (vault), local-kms (aws) and a local key file,
- * quorum 2 (test/servers/trousseau.yaml without the Azure stand-in, which the
- * default `up.sh openbao local-kms moto` does not start).
+ * quorum 2 (test/servers/trousseau.yaml without Azure: lowkey-vault, which
+ * `up.sh openbao local-kms moto` does not start, would measure the emulator's RSA work).
  *
  *   peak      the plugin's best throughput in this run: closed-loop Encrypt, then
  *             Decrypt, 32 callers for 5 s each (OK/s).
@@ -98,7 +98,7 @@ async function startPlugin(dir: string): Promise<{ child: ChildProcess; socket: 
   await generateKeyFile(path.join(dir, 'local.key'));
   const socket = path.join(dir, 'kms.sock');
   const port = await freePort();
-  // test/servers/trousseau.yaml, minus the Azure stand-in.
+  // test/servers/trousseau.yaml, minus Azure (see the header).
   const config = {
     socket: { path: socket },
     quorum: 2,
