@@ -61,7 +61,7 @@ function untrustedFolderReason(folder: string, info: Stats, holdsSocket: boolean
   const sticky = (info.mode & 0o1000) !== 0;
   if (sticky && !holdsSocket) return undefined;
   return sticky
-    ? `${folder} is writable by other users (sticky, like /tmp); the socket needs a folder only root and the plugin's user can write`
+    ? `${folder} is writable by other users (sticky, like /tmp); it must be a folder only root and the plugin's user can write`
     : `${folder} is writable by users other than root and the plugin's user (mode ${(info.mode & 0o7777).toString(8)})`;
 }
 
@@ -70,8 +70,9 @@ function untrustedFolderReason(folder: string, info: Stats, holdsSocket: boolean
  * link only when the folder holding it is trusted (and, in a sticky folder, only a
  * link owned by root or us), create a missing folder with mkdir (which never follows
  * a link), and refuse any folder someone else could change. Returns the real path.
+ * `what` names the folder in a refusal; `createMode` is the mode of folders it creates.
  */
-export async function prepareTrustedFolder(folder: string): Promise<string> {
+export async function prepareTrustedFolder(folder: string, what = 'the socket folder', createMode = CREATED_FOLDER_MODE): Promise<string> {
   const pending = path.resolve(folder).split('/').filter(Boolean);
   let current = '/';
   let currentInfo = await lstat(current);
@@ -79,7 +80,7 @@ export async function prepareTrustedFolder(folder: string): Promise<string> {
   // Each folder we look into is checked before we trust what we find in it.
   const check = (dir: string, info: Stats, holdsSocket: boolean) => {
     const reason = untrustedFolderReason(dir, info, holdsSocket);
-    if (reason) refuse(`refusing the socket folder: ${reason}`);
+    if (reason) refuse(`refusing ${what}: ${reason}`);
   };
   check(current, currentInfo, false);
   while (pending.length > 0) {
@@ -96,7 +97,7 @@ export async function prepareTrustedFolder(folder: string): Promise<string> {
       throw error;
     });
     if (info === undefined) {
-      await mkdir(next, { mode: CREATED_FOLDER_MODE }).catch((error: NodeJS.ErrnoException) => {
+      await mkdir(next, { mode: createMode }).catch((error: NodeJS.ErrnoException) => {
         // Someone created it first: what is there now is checked below like anything else.
         if (error.code !== 'EEXIST') throw error;
       });
@@ -104,8 +105,8 @@ export async function prepareTrustedFolder(folder: string): Promise<string> {
     }
     if (info.isSymbolicLink()) {
       // In a sticky folder others may own entries; only a link root or we made is trusted.
-      if ((currentInfo.mode & 0o1000) !== 0 && !trustedOwner(info.uid)) refuse(`refusing the socket folder: ${next} is a link owned by uid ${info.uid}`);
-      if (++links > MAX_LINKS) refuse(`refusing the socket folder: too many links under ${folder}`);
+      if ((currentInfo.mode & 0o1000) !== 0 && !trustedOwner(info.uid)) refuse(`refusing ${what}: ${next} is a link owned by uid ${info.uid}`);
+      if (++links > MAX_LINKS) refuse(`refusing ${what}: too many links under ${folder}`);
       const target = await readlink(next);
       pending.unshift(...target.split('/').filter(Boolean));
       if (path.isAbsolute(target)) {
@@ -114,12 +115,12 @@ export async function prepareTrustedFolder(folder: string): Promise<string> {
       }
       continue;
     }
-    if (!info.isDirectory()) refuse(`refusing the socket folder: ${next} is not a folder`);
+    if (!info.isDirectory()) refuse(`refusing ${what}: ${next} is not a folder`);
     check(next, info, false);
     current = next;
     currentInfo = info;
   }
-  // The folder that holds the socket: a sticky world-writable one is not enough here.
+  // The folder that holds the socket (or the keys): a sticky world-writable one is not enough here.
   check(current, currentInfo, true);
   return current;
 }
