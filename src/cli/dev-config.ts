@@ -13,7 +13,7 @@ import { generateKeyFile } from '../backends/local.ts';
 import { parseConfig } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
 import { TrousseauError } from '../errors.ts';
-import { prepareTrustedFolder } from '../kms/socket.ts';
+import { prepareTrustedFolder } from '../config/trusted-path.ts';
 
 export const DEV_BACKENDS = ['local-a', 'local-b', 'local-c'] as const;
 

@@ -32,7 +32,8 @@ import type { KeyBackend } from '../backends/backend.ts';
 import { loadConfigFile } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
 import { errorCodeOf, isTrousseauError } from '../errors.ts';
-import { isServed, prepareTrustedFolder, resolveGroup } from '../kms/socket.ts';
+import { prepareTrustedFolder } from '../config/trusted-path.ts';
+import { isServed, resolveGroup } from '../kms/socket.ts';
 import { silentLogger } from '../observability/logger.ts';
 
 export type CheckStatus = 'pass' | 'warn' | 'fail' | 'skip';
@@ -270,7 +271,7 @@ async function checkSocket(config: Config): Promise<CheckResult[]> {
     results.push(warn('socket folder', `${folder} does not exist yet`, 'nothing to do if its parents are owned by root: serve creates it (mode 750); run doctor again after the first start'));
   } else {
     try {
-      const real = await prepareTrustedFolder(folder);
+      const real = await prepareTrustedFolder(folder, 'the socket folder');
       const info = await lstat(real);
       results.push(pass('socket folder', `${folder}: owner uid ${info.uid}, mode ${(info.mode & 0o7777).toString(8)}; only root and the plugin's user can change it`));
       const at = await lstat(path.join(real, path.basename(socketPath))).catch(() => undefined);

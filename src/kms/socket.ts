@@ -14,11 +14,12 @@
  * - While serving, `SocketIdentity.check` tells whether the path still is that inode;
  *   shutdown unlinks the path only when it still is.
  */
-import { lstatSync, unlinkSync, type Stats } from 'node:fs';
+import { lstatSync, unlinkSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { lchown, link, lstat, mkdir, readFile, readlink, unlink } from 'node:fs/promises';
+import { lchown, link, lstat, readFile, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
+import { prepareTrustedFolder } from '../config/trusted-path.ts';
 import { TrousseauError } from '../errors.ts';
 
 export interface SocketSettings {
@@ -38,92 +39,15 @@ export interface SocketIdentity {
 
 /** Mode of folders the plugin creates on the way to the socket. */
 const CREATED_FOLDER_MODE = 0o750;
-/** Links followed while walking the socket's folder path, as the kernel's own limit. */
-const MAX_LINKS = 40;
 
 const ownUid = () => process.getuid?.() ?? 0;
-/** Root and the plugin's own user: the only owners whose folders we trust. */
-const trustedOwner = (uid: number) => uid === 0 || uid === ownUid();
 
 function refuse(message: string): never {
   throw new TrousseauError('CONFIG', message);
 }
 
-/**
- * Why a folder cannot hold the socket (or lead to it), or undefined when it can.
- * A sticky world-writable folder such as /tmp may lead to it (others cannot rename or
- * remove what they do not own there), but not hold it.
- */
-function untrustedFolderReason(folder: string, info: Stats, holdsSocket: boolean): string | undefined {
-  if (!trustedOwner(info.uid)) return `${folder} is owned by uid ${info.uid}, not by root or the plugin's user`;
-  const othersCanWrite = (info.mode & 0o022) !== 0;
-  if (!othersCanWrite) return undefined;
-  const sticky = (info.mode & 0o1000) !== 0;
-  if (sticky && !holdsSocket) return undefined;
-  return sticky
-    ? `${folder} is writable by other users (sticky, like /tmp); it must be a folder only root and the plugin's user can write`
-    : `${folder} is writable by users other than root and the plugin's user (mode ${(info.mode & 0o7777).toString(8)})`;
-}
-
-/**
- * Walk `folder` from the root, one component at a time, with lstat only: follow a
- * link only when the folder holding it is trusted (and, in a sticky folder, only a
- * link owned by root or us), create a missing folder with mkdir (which never follows
- * a link), and refuse any folder someone else could change. Returns the real path.
- * `what` names the folder in a refusal; `createMode` is the mode of folders it creates.
- */
-export async function prepareTrustedFolder(folder: string, what = 'the socket folder', createMode = CREATED_FOLDER_MODE): Promise<string> {
-  const pending = path.resolve(folder).split('/').filter(Boolean);
-  let current = '/';
-  let currentInfo = await lstat(current);
-  let links = 0;
-  // Each folder we look into is checked before we trust what we find in it.
-  const check = (dir: string, info: Stats, holdsSocket: boolean) => {
-    const reason = untrustedFolderReason(dir, info, holdsSocket);
-    if (reason) refuse(`refusing ${what}: ${reason}`);
-  };
-  check(current, currentInfo, false);
-  while (pending.length > 0) {
-    const name = pending.shift()!;
-    if (name === '.') continue;
-    if (name === '..') {
-      current = path.dirname(current);
-      currentInfo = await lstat(current);
-      continue;
-    }
-    const next = path.join(current, name);
-    let info = await lstat(next).catch((error: NodeJS.ErrnoException) => {
-      if (error.code === 'ENOENT') return undefined;
-      throw error;
-    });
-    if (info === undefined) {
-      await mkdir(next, { mode: createMode }).catch((error: NodeJS.ErrnoException) => {
-        // Someone created it first: what is there now is checked below like anything else.
-        if (error.code !== 'EEXIST') throw error;
-      });
-      info = await lstat(next);
-    }
-    if (info.isSymbolicLink()) {
-      // In a sticky folder others may own entries; only a link root or we made is trusted.
-      if ((currentInfo.mode & 0o1000) !== 0 && !trustedOwner(info.uid)) refuse(`refusing ${what}: ${next} is a link owned by uid ${info.uid}`);
-      if (++links > MAX_LINKS) refuse(`refusing ${what}: too many links under ${folder}`);
-      const target = await readlink(next);
-      pending.unshift(...target.split('/').filter(Boolean));
-      if (path.isAbsolute(target)) {
-        current = '/';
-        currentInfo = await lstat(current);
-      }
-      continue;
-    }
-    if (!info.isDirectory()) refuse(`refusing ${what}: ${next} is not a folder`);
-    check(next, info, false);
-    current = next;
-    currentInfo = info;
-  }
-  // The folder that holds the socket (or the keys): a sticky world-writable one is not enough here.
-  check(current, currentInfo, true);
-  return current;
-}
+/** The socket's folder, walked and created by the trust rule of src/config/trusted-path.ts. */
+const prepareSocketFolder = (folder: string) => prepareTrustedFolder(folder, 'the socket folder', CREATED_FOLDER_MODE);
 
 /** True when something accepts connections on the socket. */
 export function isServed(socketPath: string): Promise<boolean> {
@@ -145,7 +69,7 @@ export function isServed(socketPath: string): Promise<boolean> {
  * of the socket, with no link in it, to bind and check.
  */
 export async function prepareSocketPath(socketPath: string): Promise<string> {
-  const folder = await prepareTrustedFolder(path.dirname(path.resolve(socketPath)));
+  const folder = await prepareSocketFolder(path.dirname(path.resolve(socketPath)));
   const realPath = path.join(folder, path.basename(socketPath));
   let info;
   try {

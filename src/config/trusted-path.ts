@@ -1,0 +1,180 @@
+/**
+ * Paths the plugin trusts, on a node where every other local user is hostile.
+ *
+ * A folder may hold (or lead to) something the plugin relies on — its socket, its
+ * development keys, a credential file — only when nobody but root and the plugin's own
+ * user can change it: whoever can write a folder can swap what is in it for a link or
+ * a file of their own. Paths are walked from the root one component at a time with
+ * lstat, so a link is followed only where the folder holding it is trusted.
+ *
+ * Kubernetes secret and projected volumes fit the rule: their root is a sticky
+ * world-writable tmpfs folder holding only root-owned links (`token -> ..data/token`,
+ * `..data -> ..2026_12_02...`) into a root-owned 0755 folder.
+ */
+import { constants as fsConstants, type Stats } from 'node:fs';
+import { lstat, mkdir, open, readlink } from 'node:fs/promises';
+import path from 'node:path';
+import { TrousseauError } from '../errors.ts';
+
+/** Links followed while walking one path, as the kernel's own limit. */
+const MAX_LINKS = 40;
+/** Open for reading without following a link, without blocking on a FIFO. */
+const READ_FLAGS = fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY;
+/** A token, secret, certificate chain or key file is far smaller than this. */
+const MAX_CREDENTIAL_BYTES = 256 * 1024;
+
+const ownUid = () => process.getuid?.() ?? 0;
+/** Root and the plugin's own user: the only owners whose folders and files we trust. */
+const trustedOwner = (uid: number) => uid === 0 || uid === ownUid();
+
+function refuse(message: string): never {
+  throw new TrousseauError('CONFIG', message);
+}
+
+/**
+ * Why a folder cannot hold the thing (or lead to it), or undefined when it can.
+ * A sticky world-writable folder such as /tmp may lead to it (others cannot rename or
+ * remove what they do not own there), but not hold it.
+ */
+function untrustedFolderReason(folder: string, info: Stats, holdsIt: boolean): string | undefined {
+  if (!trustedOwner(info.uid)) return `${folder} is owned by uid ${info.uid}, not by root or the plugin's user`;
+  const othersCanWrite = (info.mode & 0o022) !== 0;
+  if (!othersCanWrite) return undefined;
+  const sticky = (info.mode & 0o1000) !== 0;
+  if (sticky && !holdsIt) return undefined;
+  return sticky
+    ? `${folder} is writable by other users (sticky, like /tmp); it must be a folder only root and the plugin's user can write`
+    : `${folder} is writable by users other than root and the plugin's user (mode ${(info.mode & 0o7777).toString(8)})`;
+}
+
+/** An error with the errno code of a missing path, as fs calls give it. */
+function missing(what: string, where: string): NodeJS.ErrnoException {
+  const error: NodeJS.ErrnoException = new Error(`${what}: ${where} does not exist`);
+  error.code = 'ENOENT';
+  return error;
+}
+
+/**
+ * Walk `folder` from the root, one component at a time, with lstat only: follow a
+ * link only when the folder holding it is trusted (and, in a sticky folder, only a
+ * link owned by root or us), and refuse any folder someone else could change. A
+ * missing folder is created with mkdir (which never follows a link) with `createMode`,
+ * or, without one, is an ENOENT error. `what` names the folder in a refusal.
+ * Returns the real path.
+ */
+export async function prepareTrustedFolder(folder: string, what: string, createMode?: number): Promise<string> {
+  return (await walkTrustedFolder(folder, what, createMode, true)).path;
+}
+
+/** The walk; `holdsIt` false when the caller will check what the last folder holds itself. */
+async function walkTrustedFolder(folder: string, what: string, createMode: number | undefined, holdsIt: boolean): Promise<{ path: string; info: Stats }> {
+  const pending = path.resolve(folder).split('/').filter(Boolean);
+  let current = '/';
+  let currentInfo = await lstat(current);
+  let links = 0;
+  // Each folder we look into is checked before we trust what we find in it.
+  const check = (dir: string, info: Stats, holdsIt: boolean) => {
+    const reason = untrustedFolderReason(dir, info, holdsIt);
+    if (reason) refuse(`refusing ${what}: ${reason}`);
+  };
+  check(current, currentInfo, false);
+  while (pending.length > 0) {
+    const name = pending.shift()!;
+    if (name === '.') continue;
+    if (name === '..') {
+      current = path.dirname(current);
+      currentInfo = await lstat(current);
+      continue;
+    }
+    const next = path.join(current, name);
+    let info = await lstat(next).catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') return undefined;
+      throw error;
+    });
+    if (info === undefined) {
+      if (createMode === undefined) throw missing(what, next);
+      await mkdir(next, { mode: createMode }).catch((error: NodeJS.ErrnoException) => {
+        // Someone created it first: what is there now is checked below like anything else.
+        if (error.code !== 'EEXIST') throw error;
+      });
+      info = await lstat(next);
+    }
+    if (info.isSymbolicLink()) {
+      // In a sticky folder others may own entries; only a link root or we made is trusted.
+      if ((currentInfo.mode & 0o1000) !== 0 && !trustedOwner(info.uid)) refuse(`refusing ${what}: ${next} is a link owned by uid ${info.uid}`);
+      if (++links > MAX_LINKS) refuse(`refusing ${what}: too many links under ${folder}`);
+      const target = await readlink(next);
+      pending.unshift(...target.split('/').filter(Boolean));
+      if (path.isAbsolute(target)) {
+        current = '/';
+        currentInfo = await lstat(current);
+      }
+      continue;
+    }
+    if (!info.isDirectory()) refuse(`refusing ${what}: ${next} is not a folder`);
+    check(next, info, false);
+    current = next;
+    currentInfo = info;
+  }
+  // The folder that holds it: a sticky world-writable one is not enough here.
+  if (holdsIt) check(current, currentInfo, true);
+  return { path: current, info: currentInfo };
+}
+
+/**
+ * The real path of a file, every folder and link on the way checked by the rule
+ * above (links in the file's own folder too, as in a Kubernetes secret volume).
+ */
+export async function resolveTrustedFile(file: string, what: string): Promise<string> {
+  let current = path.resolve(file);
+  for (let links = 0; ; links++) {
+    const folder = await walkTrustedFolder(path.dirname(current), what, undefined, false);
+    const entry = path.join(folder.path, path.basename(current));
+    const info = await lstat(entry).catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') throw missing(what, entry);
+      throw error;
+    });
+    if (!info.isSymbolicLink()) {
+      // The folder holding the file itself: a sticky world-writable one is not enough.
+      const reason = untrustedFolderReason(folder.path, folder.info, true);
+      if (reason) refuse(`refusing ${what}: ${reason}`);
+      return entry;
+    }
+    // A sticky folder (a Kubernetes volume's root) may hold links, but only ours or root's.
+    if ((folder.info.mode & 0o1000) !== 0 && !trustedOwner(info.uid)) refuse(`refusing ${what}: ${entry} is a link owned by uid ${info.uid}`);
+    if (links >= MAX_LINKS) refuse(`refusing ${what}: too many links at ${file}`);
+    current = path.resolve(folder.path, await readlink(entry));
+  }
+}
+
+/** A credential file's content and an identity that changes when the file is replaced or rewritten. */
+export interface CredentialFile {
+  content: Buffer;
+  /** dev:ino:size:mtime:ctime of the file read. */
+  stamp: string;
+}
+
+/**
+ * Read a credential or key file the plugin sends somewhere (a Vault token, an AppRole
+ * secret_id, a client secret, a TLS key): the path resolved as above, the file opened
+ * without following a link and without blocking on a FIFO, and accepted only when it
+ * is a regular file owned by root or the plugin's user that others cannot write.
+ * Whether group or others can read it is left to `trousseau doctor` (a warning): a
+ * Kubernetes secret volume's files are 0644 unless the pod says otherwise.
+ * Errors carry the errno code or the reason, never the content.
+ */
+export async function readCredentialFile(file: string, what: string): Promise<CredentialFile> {
+  const real = await resolveTrustedFile(file, what);
+  const handle = await open(real, READ_FLAGS);
+  try {
+    const info = await handle.stat();
+    if (!info.isFile()) refuse(`refusing ${what}: ${file} is not a regular file`);
+    if (!trustedOwner(info.uid)) refuse(`refusing ${what}: ${file} is owned by uid ${info.uid}, not by root or the plugin's user`);
+    if ((info.mode & 0o022) !== 0) refuse(`refusing ${what}: ${file} is writable by group or others (mode ${(info.mode & 0o777).toString(8)})`);
+    if (info.size > MAX_CREDENTIAL_BYTES) refuse(`refusing ${what}: ${file} is larger than such a file can be`);
+    const content = await handle.readFile();
+    return { content, stamp: `${info.dev}:${info.ino}:${info.size}:${info.mtimeMs}:${info.ctimeMs}` };
+  } finally {
+    await handle.close();
+  }
+}
