@@ -18,7 +18,6 @@
  */
 import type { KeyObject } from 'node:crypto';
 import { Agent } from 'node:https';
-import { readFile } from 'node:fs/promises';
 import { rootCertificates } from 'node:tls';
 import path from 'node:path';
 import { z } from 'zod';
@@ -31,6 +30,7 @@ import {
   WorkloadIdentityCredential,
 } from '@azure/identity';
 import { CryptographyClient, KeyClient, type CryptographyClientOptions, type KeyVaultKey } from '@azure/keyvault-keys';
+import { readCredentialFile } from '../config/trusted-path.ts';
 import { TrousseauError, isTrousseauError } from '../errors.ts';
 import { encodeSignedCopy, parseAzureCopy, signedDigest, verifyCopySignature, rsaPublicKeyFromJwk } from './azure-copy.ts';
 import type { KeyBackend, WrapContext, WrappedKey } from './backend.ts';
@@ -366,7 +366,8 @@ export class AzureKeyVaultBackend implements KeyBackend {
     let agent: Agent | undefined;
     if (this.config.caFile) {
       const file = path.resolve(this.options.baseDir, this.config.caFile);
-      const pem = await readFile(file, 'utf8').catch((error: unknown) => {
+      const pem = await readTrustedText(file, 'CA file').catch((error: unknown) => {
+        if (error instanceof TrousseauError) throw unavailable(error);
         throw new TrousseauError('BACKEND_UNAVAILABLE', `CA file ${file} cannot be read (${(error as NodeJS.ErrnoException).code ?? 'error'})`, {
           cause: error,
         });
@@ -441,10 +442,11 @@ class FileSecretCredential implements TokenCredential {
   }
 
   async getToken(scopes: string | string[], options?: GetTokenOptions): Promise<AccessToken | null> {
-    this.inner ??= readFile(this.secretFile, 'utf8').then(
+    this.inner ??= readTrustedText(this.secretFile, 'client secret file').then(
       (secret) => new ClientSecretCredential(this.tenantId, this.clientId, secret.trim()),
       (error: unknown) => {
         this.inner = undefined;
+        if (error instanceof TrousseauError) throw unavailable(error);
         throw new TrousseauError(
           'BACKEND_UNAVAILABLE',
           `client secret file ${this.secretFile} cannot be read (${(error as NodeJS.ErrnoException).code ?? 'error'})`,
@@ -560,4 +562,14 @@ export function classifyAzureError(error: unknown, what: string): TrousseauError
     return new TrousseauError('BACKEND_REJECTED', `${what}: the key does not allow this operation now`, { cause: error });
   }
   return new TrousseauError('BACKEND_UNAVAILABLE', `${what}: call failed`, { cause: error });
+}
+
+/** A file the client sends or trusts (client secret, CA), read by the trusted-path rule. */
+async function readTrustedText(file: string, what: string): Promise<string> {
+  return (await readCredentialFile(file, `azure backend: ${what}`)).content.toString('utf8');
+}
+
+/** A file refused by the trust rule: this backend cannot authenticate, an outage of it, not a crash. */
+function unavailable(error: TrousseauError): TrousseauError {
+  return error.code === 'BACKEND_UNAVAILABLE' ? error : new TrousseauError('BACKEND_UNAVAILABLE', error.message, { cause: error });
 }

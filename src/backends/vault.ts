@@ -22,13 +22,14 @@
  * options such as `signal`, so a call could not be aborted. The request function uses
  * node:http/https directly, which honours AbortSignal and our TLS settings.
  */
-import { readFile, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import http from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
 import NodeVault from 'node-vault';
 import type { Logger } from 'pino';
 import { z } from 'zod';
+import { readCredentialFile } from '../config/trusted-path.ts';
 import { TrousseauError } from '../errors.ts';
 import { contextBytes, type KeyBackend, type WrapContext, type WrappedKey } from './backend.ts';
 import { commonBackendFields, type BackendDefinition } from './definition.ts';
@@ -426,7 +427,7 @@ export class VaultBackend implements KeyBackend {
       // misses (same size within a coarse mtime tick).
       const fresh = this.lastFileRead !== undefined && Date.now() - this.lastFileRead < TOKEN_FILE_RECHECK_MS;
       if (!force && fresh && this.current && this.current.fileStamp === stamp) return this.current;
-      const token = (await readFile(full, 'utf8')).trim();
+      const token = (await readCredentialFile(full, `vault backend ${this.name}: token file`)).content.toString('utf8').trim();
       this.lastFileRead = Date.now();
       if (!token) throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: token file ${file} is empty`);
       const changed = this.current?.token !== token;
@@ -434,7 +435,7 @@ export class VaultBackend implements KeyBackend {
       if (changed) this.scheduleTokenWatch(token);
       return this.current;
     } catch (error) {
-      if (error instanceof TrousseauError) throw error;
+      if (error instanceof TrousseauError) throw unavailable(error);
       throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: token file ${file} cannot be read (${errnoOf(error)})`, {
         cause: error,
       });
@@ -482,8 +483,9 @@ export class VaultBackend implements KeyBackend {
   private async readSecretFile(file: string, what: string): Promise<string> {
     let text: string;
     try {
-      text = (await readFile(path.resolve(this.baseDir, file), 'utf8')).trim();
+      text = (await readCredentialFile(path.resolve(this.baseDir, file), `vault backend ${this.name}: ${what} file`)).content.toString('utf8').trim();
     } catch (error) {
+      if (error instanceof TrousseauError) throw unavailable(error);
       throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: ${what} file ${file} cannot be read (${errnoOf(error)})`, {
         cause: error,
       });
@@ -589,8 +591,9 @@ export class VaultBackend implements KeyBackend {
     const load = async (file: string | undefined, what: string) => {
       if (file === undefined) return undefined;
       try {
-        return await readFile(path.resolve(this.baseDir, file));
+        return (await readCredentialFile(path.resolve(this.baseDir, file), `vault backend ${this.name}: TLS ${what} file`)).content;
       } catch (error) {
+        if (error instanceof TrousseauError) throw unavailable(error);
         throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: TLS ${what} file ${file} cannot be read (${errnoOf(error)})`, {
           cause: error,
         });
@@ -714,6 +717,11 @@ function describe(error: unknown): string {
     return `HTTP ${status}${reason ? `: ${reason}` : ''}`;
   }
   return errnoOf(error);
+}
+
+/** A credential file refused by the trust rule: the backend cannot authenticate, an outage of this backend, not a configuration crash. */
+function unavailable(error: TrousseauError): TrousseauError {
+  return error.code === 'BACKEND_UNAVAILABLE' ? error : new TrousseauError('BACKEND_UNAVAILABLE', error.message, { cause: error });
 }
 
 function errnoOf(error: unknown): string {

@@ -32,7 +32,7 @@ import type { KeyBackend } from '../backends/backend.ts';
 import { loadConfigFile } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
 import { errorCodeOf, isTrousseauError } from '../errors.ts';
-import { prepareTrustedFolder } from '../config/trusted-path.ts';
+import { prepareTrustedFolder, readCredentialFile } from '../config/trusted-path.ts';
 import { isServed, resolveGroup } from '../kms/socket.ts';
 import { silentLogger } from '../observability/logger.ts';
 
@@ -209,6 +209,12 @@ async function checkFile(check: string, ref: ReferencedFile, certFileOf?: string
     return fail(check, `${ref.file} cannot be read (${code ?? 'error'})`, 'run doctor as the plugin\'s user; give that user read access');
   }
   if (!info.isFile()) return fail(check, `${ref.file} is not a regular file`, 'name a file');
+  // The plugin reads its credential and CA files under the trusted-path rule: the same walk here.
+  const refused = await readCredentialFile(ref.file, ref.field).then(
+    () => undefined,
+    (error: unknown) => (isTrousseauError(error) ? error.message : undefined),
+  );
+  if (refused) return fail(check, refused, 'keep the file in a folder only root and the plugin\'s user can write, owned by one of them, not writable by others');
   if (info.size > MAX_SECRET_FILE_BYTES) return fail(check, `${ref.file} is larger than such a file can be (${info.size} bytes)`, 'name the right file');
   const text = await readFile(ref.file, 'utf8');
   const secret = ref.role === 'secret' || ref.role === 'client key' || ref.role === 'certificate and key';

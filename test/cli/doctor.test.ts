@@ -7,7 +7,7 @@
  * dates its answers 10 minutes ahead: it is the peer doctor reads the time from).
  */
 import test, { type ExecutionContext } from 'ava';
-import { chmod, readFile, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, writeFile } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
@@ -219,4 +219,20 @@ test.serial('on a node where the plugin already serves: the taken port and the s
   t.is(port.status, 'warn');
   t.regex(port.detail, /in use, and a process serves the socket/);
   await serving.terminate();
+});
+
+test.serial('a Vault token file in a folder other users can write fails, as the plugin would refuse it', async (t) => {
+  const dir = await tempDir(t);
+  const open = path.join(dir, 'open');
+  await mkdir(open);
+  await chmod(open, 0o777);
+  await writeFile(path.join(open, 'token'), 'hvs.not-a-real-token-0123456789', { mode: 0o600 });
+  await generateKeyFile(path.join(dir, 'good.key'));
+  const vault = ['  - name: vault-a', '    type: vault', '    address: http://127.0.0.1:1', '    keyName: k', '    auth:', '      method: token', `      tokenFile: ${path.join(open, 'token')}`].join('\n');
+  const run = await doctor(t, dir, `${header(dir, 1)}\n${localBackends(dir, ['good'])}\n${vault}\n`);
+  t.is(run.code, 1);
+  const token = result(t, run.report, 'vault-a auth.tokenFile');
+  t.is(token.status, 'fail');
+  t.regex(token.detail, /open is writable by users other than root and the plugin's user \(mode 777\)/);
+  t.false(run.text.includes('hvs.not-a-real-token'), 'the token was printed');
 });
