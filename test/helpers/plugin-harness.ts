@@ -248,8 +248,11 @@ export async function spawnServe(t: ExecutionContext, args: string[], socketPath
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   let gone = false;
   void exited.then(() => (gone = true));
-  t.teardown(() => {
-    if (!gone) child.kill('SIGKILL');
+  // Waits for the exit, so that no process of this file outlives its last test.
+  t.teardown(async () => {
+    if (gone) return;
+    child.kill('SIGKILL');
+    await exited;
   });
   const proc: ServeProcess = {
     child,

@@ -32,8 +32,11 @@ export function runAsNobody(t: ExecutionContext, script: string, options: { args
   let gone = false;
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   void exited.then(() => (gone = true));
-  t.teardown(() => {
-    if (!gone) child.kill('SIGKILL');
+  // Waits for the exit, so that no process of this file outlives its last test.
+  t.teardown(async () => {
+    if (gone) return;
+    child.kill('SIGKILL');
+    await exited;
   });
   return {
     child,
