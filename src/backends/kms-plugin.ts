@@ -180,6 +180,14 @@ interface StatusAnswer {
   response: V2StatusResponse;
 }
 
+/** A Status call shared by the callers waiting for it. */
+interface StatusFlight {
+  startedAt: number;
+  answer: Promise<StatusAnswer>;
+  controller: AbortController;
+  waiters: number;
+}
+
 /** Statuses that mean "this request or this key", not "try again later". */
 const REJECTING_STATUSES = new Set([
   grpc.status.INVALID_ARGUMENT,
@@ -206,7 +214,7 @@ export class KmsPluginBackend implements KeyBackend {
   private target: { realPath: string; checkedAt: number } | undefined;
   private checking: Promise<string> | undefined;
   private lastStatus: StatusAnswer | undefined;
-  private statusInFlight: { startedAt: number; answer: Promise<StatusAnswer> } | undefined;
+  private statusInFlight: StatusFlight | undefined;
   private closed = false;
 
   /** `config.socket` must be absolute (the definition resolves it against the config's folder). */
@@ -297,31 +305,44 @@ export class KmsPluginBackend implements KeyBackend {
 
   /**
    * A Status answer asked for at `notBefore` or later: the last one, the one in flight,
-   * or a new call. The call has its own deadline, so one caller's abort does not end it
-   * for the others; each caller stops waiting at its own signal.
+   * or a new call. Callers share a call in flight; it lives while at least one of them
+   * still waits (each stops waiting at its own signal), so one caller's abort does not
+   * end it for the others, and nobody's abandoned call goes on alone.
    */
-  private status(signal: AbortSignal, notBefore: number): Promise<StatusAnswer> {
-    if (this.lastStatus && this.lastStatus.askedAt >= notBefore) return Promise.resolve(this.lastStatus);
+  private async status(signal: AbortSignal, notBefore: number): Promise<StatusAnswer> {
+    if (this.lastStatus && this.lastStatus.askedAt >= notBefore) return this.lastStatus;
     let flight = this.statusInFlight;
     if (!flight || flight.startedAt < notBefore) {
       const startedAt = Date.now();
-      const answer = this.call<object, V2StatusResponse>('Status', {}, AbortSignal.timeout(this.config.timeoutMs)).then((response) => {
+      const controller = new AbortController();
+      const answer = this.call<object, V2StatusResponse>('Status', {}, controller.signal).then((response) => {
         const result = { askedAt: startedAt, response };
         if (!this.lastStatus || this.lastStatus.askedAt <= startedAt) this.lastStatus = result;
         return result;
       });
-      flight = { startedAt, answer };
-      this.statusInFlight = flight;
-      const settled = flight;
+      const started: StatusFlight = { startedAt, answer, controller, waiters: 0 };
       answer.then(
-        () => this.clearFlight(settled),
-        () => this.clearFlight(settled),
+        () => this.clearFlight(started),
+        () => this.clearFlight(started),
       );
+      this.statusInFlight = started;
+      flight = started;
     }
-    return abortable(flight.answer, signal, () => this.abandoned(signal.reason));
+    const shared = flight;
+    shared.waiters += 1;
+    try {
+      return await abortable(shared.answer, signal, () => this.abandoned(signal.reason));
+    } finally {
+      shared.waiters -= 1;
+      if (shared.waiters === 0) {
+        // Nobody joins a call being cancelled: the next caller starts a new one.
+        this.clearFlight(shared);
+        shared.controller.abort(new Error('no caller waits for this Status any more'));
+      }
+    }
   }
 
-  private clearFlight(flight: KmsPluginBackend['statusInFlight']): void {
+  private clearFlight(flight: StatusFlight): void {
     if (this.statusInFlight === flight) this.statusInFlight = undefined;
   }
 

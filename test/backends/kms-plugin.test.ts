@@ -27,11 +27,12 @@ import { requireServer, requireVar } from '../helpers/servers.ts';
 import { NOBODY, openForTraversal, runAsNobody } from '../helpers/unprivileged.ts';
 import { runBackendConformance } from './conformance.ts';
 
-const signal = (ms = 5000): AbortSignal => AbortSignal.timeout(ms);
+// Generous: CI machines are slow and loaded; the backend's own timeoutMs ends a call first.
+const signal = (ms = 20_000): AbortSignal => AbortSignal.timeout(ms);
 const contextFor = (backendName: string): WrapContext => ({ envelopeId: randomBytes(16), backendName });
 
 function backendFor(socket: string, fields: Record<string, unknown> = {}): KmsPluginBackend {
-  return new KmsPluginBackend(kmsPluginConfigSchema.parse({ name: 'inner', type: 'kms-plugin', socket, timeoutMs: 2000, ...fields }));
+  return new KmsPluginBackend(kmsPluginConfigSchema.parse({ name: 'inner', type: 'kms-plugin', socket, timeoutMs: 2900, ...fields }));
 }
 
 async function using<T>(backend: KeyBackend, body: (b: KeyBackend) => Promise<T>): Promise<T> {
