@@ -230,8 +230,12 @@ export class KmsPluginBackend implements KeyBackend {
 
   async wrap(dataKey: Uint8Array, _context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
     const request: V2EncryptRequest = { plaintext: Buffer.from(dataKey), uid: randomUUID() };
-    const response = await this.call<V2EncryptRequest, V2EncryptResponse>('Encrypt', request, signal);
-    request.plaintext.fill(0);
+    let response: V2EncryptResponse;
+    try {
+      response = await this.call<V2EncryptRequest, V2EncryptResponse>('Encrypt', request, signal);
+    } finally {
+      request.plaintext.fill(0); // our copy of the key; grpc-js has serialised it by now
+    }
     const ciphertext = response.ciphertext;
     const keyId = response.key_id;
     if (!(ciphertext instanceof Uint8Array) || ciphertext.length === 0 || ciphertext.length > MAX_INNER_CIPHERTEXT_BYTES) {
