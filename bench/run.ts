@@ -14,6 +14,9 @@
  *   npm run bench -- --scenario overload
  *                                    5,000-call bursts against the real test servers (bench/overload.ts;
  *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
+ *   npm run bench -- --scenario kms-plugin
+ *                                    wraps/unwraps through aws-encryption-provider, direct vs the kms-plugin
+ *                                    backend (bench/kms-plugin.ts; needs local-kms and aws-encryption-provider)
  *   ... --out bench/results.jsonl    append the run's JSON line (stamped with commit, date,
  *                                    node, cpus, load: bench/record.ts) to a file
  *   node bench/charts.ts             redraw docs/charts/*.svg from bench/results.jsonl
@@ -62,6 +65,7 @@ if (args.scenario?.length) {
   const { runScenarios } = await import('./scenarios.ts');
   const { runMemory } = await import('./memory.ts');
   const { runOverload } = await import('./overload.ts');
+  const { runKmsPlugin } = await import('./kms-plugin.ts');
   const names = args.scenario.includes('all') ? ['fanout', 'failover', 'hedging', 'storm', 'memory'] : args.scenario;
   const results: Record<string, unknown> = {};
   for (const name of names) {
@@ -70,7 +74,9 @@ if (args.scenario?.length) {
         ? await runMemory({ calls: args.calls === undefined ? undefined : Number(args.calls) })
         : name === 'overload'
           ? await runOverload({ client: args.client })
-          : (await runScenarios([name]))[name];
+          : name === 'kms-plugin'
+            ? await runKmsPlugin({ seconds: args.seconds === undefined ? undefined : Number(args.seconds) })
+            : (await runScenarios([name]))[name];
     // One line per scenario, so bench/results.jsonl stays one comparable record per line.
     if (args.out) emit(`scenario:${name}`, results[name] as Record<string, unknown>, { json: false, out: args.out });
   }

@@ -6,10 +6,11 @@ import type { z } from 'zod';
 import type { BackendDefinition } from './definition.ts';
 import { awsBackend } from './aws.ts';
 import { azureBackend } from './azure.ts';
+import { kmsPluginBackend } from './kms-plugin.ts';
 import { localBackend } from './local.ts';
 import { vaultBackend } from './vault.ts';
 
-export const backendDefinitions = [localBackend, vaultBackend, azureBackend, awsBackend] as const;
+export const backendDefinitions = [localBackend, vaultBackend, azureBackend, awsBackend, kmsPluginBackend] as const;
 
 export type BackendConfig = z.output<(typeof backendDefinitions)[number]['configSchema']>;
 

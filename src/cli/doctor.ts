@@ -123,6 +123,7 @@ export function referencedFiles(backend: BackendConfig, baseDir: string): Refere
       ];
     }
     case 'aws':
+    case 'kms-plugin': // its socket is checked by the backend itself (folder ownership, not a link)
       return [];
   }
 }
@@ -348,6 +349,7 @@ async function endpointOf(backend: BackendConfig, baseDir: string): Promise<Endp
   const read = (file: string | undefined) => (file === undefined ? Promise.resolve(undefined) : readFile(path.resolve(baseDir, file)).catch(() => undefined));
   switch (backend.type) {
     case 'local':
+    case 'kms-plugin':
       return undefined;
     case 'vault': {
       const [ca, cert, key] = await Promise.all([read(backend.tls?.caFile), read(backend.tls?.certFile), read(backend.tls?.keyFile)]);
@@ -526,6 +528,8 @@ function credentialFix(backend: BackendConfig): string {
       return 'check the credentials the AWS SDK finds on this node (IRSA, instance profile, environment) and kms:DescribeKey on the key';
     case 'azure':
       return `check the ${backend.credential.method} credential and the get permission on key ${backend.keyName}`;
+    case 'kms-plugin':
+      return `check that the inner plugin runs, listens on ${backend.socket} and answers Status with healthz "ok"`;
   }
 }
 

@@ -21,6 +21,14 @@ if [ ${#names[@]} -eq 0 ]; then
   done
 fi
 
+# Peer KMS plugins run against a backend server (aws-encryption-provider against
+# local-kms, vault-kubernetes-kms against OpenBao): they start after every other server.
+peers=" aws-encryption-provider vault-kubernetes-kms "
+ordered=()
+for name in "${names[@]}"; do case "$peers" in *" $name "*) ;; *) ordered+=("$name") ;; esac; done
+for name in "${names[@]}"; do case "$peers" in *" $name "*) ordered+=("$name") ;; esac; done
+names=("${ordered[@]}")
+
 # Installs run in parallel (they are downloads and builds); starts run in order.
 pids=()
 for name in "${names[@]}"; do
