@@ -44,7 +44,7 @@ import { z } from 'zod';
 import { MAX_KEY_VERSION_BYTES, MAX_WRAPPED_BYTES } from '../envelope/limits.ts';
 import { isTrousseauError, TrousseauError } from '../errors.ts';
 import { V2Service } from '../kms/proto.ts';
-import { prepareTrustedFolder } from '../kms/socket.ts';
+import { prepareTrustedFolder } from '../config/trusted-path.ts';
 import type { V2DecryptRequest, V2DecryptResponse, V2EncryptRequest, V2EncryptResponse, V2StatusResponse } from '../kms/types.ts';
 import type { KeyBackend, WrapContext, WrappedKey } from './backend.ts';
 import { commonBackendFields, type BackendDefinition } from './definition.ts';
@@ -385,7 +385,7 @@ export class KmsPluginBackend implements KeyBackend {
     }
     let realFolder: string;
     try {
-      realFolder = await prepareTrustedFolder(folder);
+      realFolder = await prepareTrustedFolder(folder, 'the socket folder');
     } catch (error) {
       const reason = isTrousseauError(error) ? error.message : 'it cannot be checked';
       throw new TrousseauError('BACKEND_REJECTED', `${this.label}: not calling the inner plugin: ${reason}`, { cause: error });
