@@ -14,6 +14,10 @@
  *   npm run bench -- --scenario overload
  *                                    5,000-call bursts against the real test servers (bench/overload.ts;
  *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
+ *   npm run bench -- --scenario peers [--rounds 3] [--seconds 5]
+ *                                    Trousseau beside aws-encryption-provider and vault-kubernetes-kms
+ *                                    on the same servers, interleaved, plus an outage round (bench/peers.ts;
+ *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
  *   ... --out bench/results.jsonl    append the run's JSON line (stamped with commit, date,
  *                                    node, cpus, load: bench/record.ts) to a file
  *   node bench/charts.ts             redraw docs/charts/*.svg from bench/results.jsonl
@@ -55,6 +59,8 @@ const { values: args } = parseArgs({
     out: { type: 'string' },
     /** memory scenario: Encrypt + Decrypt calls in the churn phase. */
     calls: { type: 'string' },
+    /** peers scenario: interleaved rounds. */
+    rounds: { type: 'string' },
   },
 });
 
@@ -62,6 +68,7 @@ if (args.scenario?.length) {
   const { runScenarios } = await import('./scenarios.ts');
   const { runMemory } = await import('./memory.ts');
   const { runOverload } = await import('./overload.ts');
+  const { runPeers } = await import('./peers.ts');
   const names = args.scenario.includes('all') ? ['fanout', 'failover', 'hedging', 'storm', 'memory'] : args.scenario;
   const results: Record<string, unknown> = {};
   for (const name of names) {
@@ -70,7 +77,9 @@ if (args.scenario?.length) {
         ? await runMemory({ calls: args.calls === undefined ? undefined : Number(args.calls) })
         : name === 'overload'
           ? await runOverload({ client: args.client })
-          : (await runScenarios([name]))[name];
+          : name === 'peers'
+            ? await runPeers({ rounds: args.rounds === undefined ? undefined : Number(args.rounds), seconds: args.seconds === undefined ? undefined : Number(args.seconds) })
+            : (await runScenarios([name]))[name];
     // One line per scenario, so bench/results.jsonl stays one comparable record per line.
     if (args.out) emit(`scenario:${name}`, results[name] as Record<string, unknown>, { json: false, out: args.out });
   }
