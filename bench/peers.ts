@@ -29,16 +29,17 @@
  *            (SIGCONT). Worst per-second p99 and errors while frozen and after.
  *
  * BENCH_PEERS=<id,id> limits the plugins (e.g. while profiling one of them);
+ * BENCH_PEERS_SKIP=count,outage skips those phases;
  * BENCH_PLUGIN_NODE_ARGS (e.g. --cpu-prof --cpu-prof-dir=DIR) applies to Trousseau.
  */
 import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { generateKeyFile } from '../src/backends/local.ts';
+import { OWN_KMS_CREDENTIALS, OWN_KMS_KEY_ARN, OWN_KMS_REGION, startOwnLocalKms } from '../test/helpers/own-local-kms.ts';
 import { call, clientsFor } from '../src/cli/client.ts';
 import { awsOperation, CountingProxy, vaultOperation } from './counting-proxy.ts';
 import { goloadBinary } from './goload-binary.ts';
@@ -52,9 +53,8 @@ const OUTAGE_S = 5;
 const OUTAGE_AFTER_S = 4;
 /** Backend timeout of every Trousseau backend here (the overload scenario's too). */
 const TIMEOUT_MS = 1000;
-const KEY_ID = '6f0c2d1e-3b4a-4c5d-8e9f-0a1b2c3d4e5f';
-const REGION = 'us-east-1';
-const KEY_ARN = `arn:aws:kms:${REGION}:111122223333:key/${KEY_ID}`;
+const REGION = OWN_KMS_REGION;
+const KEY_ARN = OWN_KMS_KEY_ARN;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const loadAverage = () =>
@@ -109,37 +109,6 @@ async function stop(child: ChildProcess): Promise<void> {
   clearTimeout(timer);
 }
 
-/** This bench's own local-kms: same binary as the shared one, fresh keys, a port of its own. */
-async function startLocalKms(dir: string): Promise<{ child: ChildProcess; endpoint: string }> {
-  const binary = path.join(root, '.servers', 'bin', 'local-kms');
-  if (!existsSync(binary)) throw new Error('local-kms is not installed: bash test/servers/up.sh openbao local-kms');
-  const data = path.join(dir, 'local-kms');
-  await mkdir(path.join(data, 'db'), { recursive: true });
-  const seed = `Keys:\n  Symmetric:\n    Aes:\n      - Metadata:\n          KeyId: ${KEY_ID}\n        BackingKeys:\n          - ${randomBytes(32).toString('hex')}\n`;
-  await writeFile(path.join(data, 'seed.yaml'), seed, { mode: 0o600 });
-  const port = await freePort();
-  const child = spawn(binary, [], {
-    stdio: 'ignore',
-    env: { ...process.env, PORT: String(port), KMS_REGION: REGION, KMS_ACCOUNT_ID: '111122223333', KMS_DATA_PATH: path.join(data, 'db'), KMS_SEED_PATH: path.join(data, 'seed.yaml') },
-  });
-  const endpoint = `http://127.0.0.1:${port}`;
-  for (let tries = 0; ; tries++) {
-    const ok = await fetch(endpoint, {
-      method: 'POST',
-      headers: { 'content-type': 'application/x-amz-json-1.1', 'x-amz-target': 'TrentService.ListKeys' },
-      body: '{}',
-      signal: AbortSignal.timeout(1000),
-    }).then(
-      (r) => r.ok,
-      () => false,
-    );
-    if (ok) break;
-    if (tries > 100 || child.exitCode !== null) throw new Error('local-kms did not start');
-    await sleep(100);
-  }
-  return { child, endpoint };
-}
-
 interface Servers {
   kmsEndpoint: string;
   vault: Record<string, string>;
@@ -152,7 +121,7 @@ interface Plugin {
   start(dir: string, servers: Servers): Promise<{ child: ChildProcess; socket: string }>;
 }
 
-const awsEnv = { AWS_ACCESS_KEY_ID: 'test', AWS_SECRET_ACCESS_KEY: 'test', AWS_EC2_METADATA_DISABLED: 'true' };
+const awsEnv = OWN_KMS_CREDENTIALS;
 
 async function waitForSocket(child: ChildProcess, socket: string, what: string): Promise<void> {
   const deadline = Date.now() + 30_000;
@@ -392,16 +361,17 @@ export async function runPeers(options: PeersOptions = {}): Promise<Record<strin
   const rounds = options.rounds ?? 3;
   const seconds = options.seconds ?? 5;
   const only = process.env.BENCH_PEERS?.split(',').filter(Boolean);
+  const skip = new Set(process.env.BENCH_PEERS_SKIP?.split(',') ?? []);
   const plugins = only ? ALL_PLUGINS.filter((p) => only.includes(p.id)) : ALL_PLUGINS;
   goloadBinary(); // built before anything is measured
   const dir = await mkdtemp(path.join(os.tmpdir(), 'trousseau-peers-'));
-  const kms = await startLocalKms(dir);
+  const kms = await startOwnLocalKms(dir);
   const servers: Servers = { kmsEndpoint: kms.endpoint, vault: serverEnv('openbao') };
   const running: { plugin: Plugin; child: ChildProcess; socket: string }[] = [];
   const result: Record<string, unknown> = { load: loadAverage(), concurrency: CONCURRENCY, seconds, rounds, client: 'go (bench/goload: grpc-go, k8s.io/kms v2, one connection)' };
   try {
     const requests: Record<string, unknown> = {};
-    for (const plugin of plugins) {
+    for (const plugin of skip.has('count') ? [] : plugins) {
       const counted = await countRequests(plugin, servers, dir);
       requests[plugin.id] = { perDecrypt: perCall(counted, 'decrypt'), perEncrypt: perCall(counted, 'encrypt'), raw: counted };
       console.error(`peers: ${plugin.id} backend requests per Decrypt ${JSON.stringify(perCall(counted, 'decrypt'))}, per Encrypt ${JSON.stringify(perCall(counted, 'encrypt'))}`);
@@ -447,7 +417,7 @@ export async function runPeers(options: PeersOptions = {}): Promise<Record<strin
 
     const outages = [];
     for (const { plugin, socket } of running) {
-      if (!plugin.uses.includes('aws')) continue;
+      if (!plugin.uses.includes('aws') || skip.has('outage')) continue;
       // Let breakers close and probes pass after the previous freeze.
       await sleep(6000);
       const o = await outage(plugin, socket, kms.child);
@@ -461,7 +431,7 @@ export async function runPeers(options: PeersOptions = {}): Promise<Record<strin
   } finally {
     kms.child.kill('SIGCONT');
     await Promise.all(running.map((p) => stop(p.child)));
-    await stop(kms.child);
+    await kms.stop();
     await rm(dir, { recursive: true, force: true });
   }
 }
