@@ -33,7 +33,7 @@
  * BENCH_PLUGIN_NODE_ARGS (e.g. --cpu-prof --cpu-prof-dir=DIR) applies to Trousseau.
  */
 import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, openSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import os from 'node:os';
@@ -123,10 +123,18 @@ interface Plugin {
 
 const awsEnv = OWN_KMS_CREDENTIALS;
 
-async function waitForSocket(child: ChildProcess, socket: string, what: string): Promise<void> {
+/** The peer's own output, kept in its folder and shown if it does not start. */
+function peerLog(dir: string): { stdio: ['ignore', number, number]; file: string } {
+  const file = path.join(dir, 'output.log');
+  const fd = openSync(file, 'a');
+  return { stdio: ['ignore', fd, fd], file };
+}
+
+async function waitForSocket(child: ChildProcess, socket: string, what: string, log?: string): Promise<void> {
   const deadline = Date.now() + 30_000;
+  const failed = (why: string) => new Error(`${what} ${why}${log && existsSync(log) ? `; its last output:\n${readFileSync(log, 'utf8').split('\n').slice(-5).join('\n')}` : ''}`);
   while (!existsSync(socket)) {
-    if (Date.now() > deadline || child.exitCode !== null) throw new Error(`${what} did not start`);
+    if (Date.now() > deadline || child.exitCode !== null) throw failed('did not start');
     await sleep(50);
   }
   // Answering, not just listening.
@@ -138,7 +146,7 @@ async function waitForSocket(child: ChildProcess, socket: string, what: string):
         () => false,
       );
       if (ok) return;
-      if (Date.now() > deadline || child.exitCode !== null) throw new Error(`${what} does not answer Status`);
+      if (Date.now() > deadline || child.exitCode !== null) throw failed('does not answer Status');
       await sleep(200);
     }
   } finally {
@@ -155,12 +163,13 @@ const awsEncryptionProvider: Plugin = {
   uses: ['aws'],
   async start(dir, servers) {
     const socket = path.join(dir, 'kms.sock');
+    const log = peerLog(dir);
     const child = spawn(
       peer('aws-encryption-provider'),
       ['--listen', socket, '--key', KEY_ARN, '--region', REGION, '--kms-endpoint', servers.kmsEndpoint, '--health-port', `127.0.0.1:${await freePort()}`, '--health-kms-version', 'v2'],
-      { stdio: 'ignore', env: { ...process.env, ...awsEnv } },
+      { stdio: log.stdio, env: { ...process.env, ...awsEnv } },
     );
-    await waitForSocket(child, socket, this.id);
+    await waitForSocket(child, socket, this.id, log.file);
     return { child, socket };
   },
 };
@@ -171,6 +180,7 @@ const vaultKubernetesKms: Plugin = {
   async start(dir, servers) {
     const socket = path.join(dir, 'kms.sock');
     const v = servers.vault;
+    const log = peerLog(dir);
     const child = spawn(
       peer('vault-kubernetes-kms'),
       [
@@ -182,9 +192,9 @@ const vaultKubernetesKms: Plugin = {
         // Listens on all interfaces (it takes a port only): loopback traffic only is sent to it.
         '-health-port', String(await freePort()),
       ],
-      { stdio: 'ignore' },
+      { stdio: log.stdio },
     );
-    await waitForSocket(child, socket, this.id);
+    await waitForSocket(child, socket, this.id, log.file);
     return { child, socket };
   },
 };
