@@ -7,6 +7,7 @@
  *   fanout-latency.svg    Encrypt latency percentiles, grace 0 / 150 ms / serial
  *   matrix-decrypt.svg    Decrypt ops/s by backends x concurrency (and matrix-encrypt.svg)
  *   memory.svg            RSS, heap used and heap after GC over the memory scenario
+ *   peers-throughput.svg  Decrypt/s and Encrypt/s of Trousseau and the Go peers (and peers-cpu.svg)
  *
  * Hand-written SVG: no chart library is a dependency, and the charts only need bars
  * and lines. Every chart carries the commit, date, Node version, CPUs and load
@@ -263,5 +264,37 @@ ${legend(['RSS', 'heap used (/metrics)', 'heap after forced GC', 'external (Buff
       memory,
       `3 local backends, concurrency ${String(memory.concurrency)}; churn = ${String(memory.churnCalls)} Encrypt + Decrypt calls on distinct envelopes`,
     ),
+  );
+}
+
+// (e) Trousseau beside the Go peers (bench/peers.ts)
+const peers = latest('scenario:peers');
+if (peers) {
+  const summary = peers.summary as Record<string, Record<string, number>>;
+  const ids = Object.keys(summary);
+  const note = `medians of ${String(peers.rounds)} interleaved rounds of ${String(peers.seconds)} s, concurrency 16, same local-kms and OpenBao, Go client`;
+  write(
+    'peers-throughput.svg',
+    barChart({
+      title: 'Trousseau and the Go KMS plugins: calls per second',
+      note,
+      groups: ['Decrypt', 'Encrypt'],
+      series: ids.map((id) => ({ name: id, values: [summary[id]!.decryptPerSec!, summary[id]!.encryptPerSec!] })),
+      yLabel: 'calls per second',
+      xLabel: 'operation',
+      stamp: peers,
+    }),
+  );
+  write(
+    'peers-cpu.svg',
+    barChart({
+      title: 'Plugin CPU per 1,000 calls (user + system)',
+      note,
+      groups: ['Decrypt', 'Encrypt'],
+      series: ids.map((id) => ({ name: id, values: [summary[id]!.decryptCpuMsPer1000!, summary[id]!.encryptCpuMsPer1000!] })),
+      yLabel: 'CPU ms per 1,000 calls',
+      xLabel: 'operation',
+      stamp: peers,
+    }),
   );
 }

@@ -14,9 +14,16 @@
  *   npm run bench -- --scenario overload
  *                                    5,000-call bursts against the real test servers (bench/overload.ts;
  *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
+<<<<<<< HEAD
  *   npm run bench -- --scenario kms-plugin
  *                                    wraps/unwraps through aws-encryption-provider, direct vs the kms-plugin
  *                                    backend (bench/kms-plugin.ts; needs local-kms and aws-encryption-provider)
+=======
+ *   npm run bench -- --scenario peers [--rounds 3] [--seconds 5]
+ *                                    Trousseau beside aws-encryption-provider and vault-kubernetes-kms
+ *                                    on the same servers, interleaved, plus an outage round (bench/peers.ts;
+ *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
+>>>>>>> h-awsperf
  *   ... --out bench/results.jsonl    append the run's JSON line (stamped with commit, date,
  *                                    node, cpus, load: bench/record.ts) to a file
  *   node bench/charts.ts             redraw docs/charts/*.svg from bench/results.jsonl
@@ -58,25 +65,27 @@ const { values: args } = parseArgs({
     out: { type: 'string' },
     /** memory scenario: Encrypt + Decrypt calls in the churn phase. */
     calls: { type: 'string' },
+    /** peers scenario: interleaved rounds. */
+    rounds: { type: 'string' },
   },
 });
 
 if (args.scenario?.length) {
   const { runScenarios } = await import('./scenarios.ts');
-  const { runMemory } = await import('./memory.ts');
-  const { runOverload } = await import('./overload.ts');
-  const { runKmsPlugin } = await import('./kms-plugin.ts');
+  const numberArg = (value: string | undefined) => (value === undefined ? undefined : Number(value));
+  // Scenarios with a runner of their own (each module loaded only when asked for);
+  // the others are the engine scenarios of bench/scenarios.ts.
+  const runners: Record<string, () => Promise<unknown>> = {
+    memory: async () => (await import('./memory.ts')).runMemory({ calls: numberArg(args.calls) }),
+    overload: async () => (await import('./overload.ts')).runOverload({ client: args.client }),
+    'kms-plugin': async () => (await import('./kms-plugin.ts')).runKmsPlugin({ seconds: numberArg(args.seconds) }),
+    peers: async () => (await import('./peers.ts')).runPeers({ rounds: numberArg(args.rounds), seconds: numberArg(args.seconds) }),
+  };
   const names = args.scenario.includes('all') ? ['fanout', 'failover', 'hedging', 'storm', 'memory'] : args.scenario;
   const results: Record<string, unknown> = {};
   for (const name of names) {
-    results[name] =
-      name === 'memory'
-        ? await runMemory({ calls: args.calls === undefined ? undefined : Number(args.calls) })
-        : name === 'overload'
-          ? await runOverload({ client: args.client })
-          : name === 'kms-plugin'
-            ? await runKmsPlugin({ seconds: args.seconds === undefined ? undefined : Number(args.seconds) })
-            : (await runScenarios([name]))[name];
+    const runner = runners[name];
+    results[name] = runner ? await runner() : (await runScenarios([name]))[name];
     // One line per scenario, so bench/results.jsonl stays one comparable record per line.
     if (args.out) emit(`scenario:${name}`, results[name] as Record<string, unknown>, { json: false, out: args.out });
   }

@@ -4,7 +4,7 @@
 // Node gRPC client costs. Used by `npm run bench` (closed loop) and by
 // `npm run bench -- --scenario overload` (burst).
 //
-//	goload -socket PATH -op decrypt -concurrency 16 -seconds 5
+//	goload -socket PATH -op decrypt -concurrency 16 -seconds 5 [-warmup N] [-per-second]
 //	goload -socket PATH -op encrypt -burst 5000 [-deadline-ms 3000]
 //	goload -socket PATH -op decrypt -burst 5000 -envelopes FILE
 //
@@ -43,6 +43,8 @@ func main() {
 	burst := flag.Int("burst", 0, "burst mode: this many calls at once instead of a closed loop")
 	deadlineMs := flag.Int("deadline-ms", 3000, "deadline of each call")
 	envelopes := flag.String("envelopes", "", "burst decrypt: file of envelopes, one JSON object a line")
+	warmup := flag.Int("warmup", -1, "closed loop: calls before measuring (default 4 per caller)")
+	perSecond := flag.Bool("per-second", false, "closed loop: also report OK, errors and p99 for each second")
 	flag.Parse()
 	deadline := time.Duration(*deadlineMs) * time.Millisecond
 
@@ -73,12 +75,35 @@ func main() {
 		return err
 	}
 	// Warm up.
-	for i := 0; i < *concurrency*4; i++ {
+	if *warmup < 0 {
+		*warmup = *concurrency * 4
+	}
+	for i := 0; i < *warmup; i++ {
 		_ = call()
 	}
 	var mu sync.Mutex
 	var latencies []float64
 	errors := 0
+	// -per-second: answers bucketed by the second (since the start) in which they came.
+	type second struct {
+		latencies []float64
+		errors    int
+	}
+	var buckets []second
+	note := func(at time.Duration, ms float64, failed bool) {
+		i := int(at / time.Second)
+		mu.Lock()
+		for len(buckets) <= i {
+			buckets = append(buckets, second{})
+		}
+		if failed {
+			buckets[i].errors++
+		} else {
+			buckets[i].latencies = append(buckets[i].latencies, ms)
+		}
+		mu.Unlock()
+	}
+	firstErrors := []string{}
 	stop := time.Now().Add(time.Duration(*seconds * float64(time.Second)))
 	started := time.Now()
 	var wg sync.WaitGroup
@@ -90,11 +115,21 @@ func main() {
 			localErrors := 0
 			for time.Now().Before(stop) {
 				t0 := time.Now()
-				if err := call(); err != nil {
+				err := call()
+				ms := float64(time.Since(t0).Microseconds()) / 1000
+				if *perSecond {
+					note(time.Since(started), ms, err != nil)
+				}
+				if err != nil {
 					localErrors++
+					mu.Lock()
+					if len(firstErrors) < 3 {
+						firstErrors = append(firstErrors, err.Error())
+					}
+					mu.Unlock()
 					continue
 				}
-				local = append(local, float64(time.Since(t0).Microseconds())/1000)
+				local = append(local, ms)
 			}
 			mu.Lock()
 			latencies = append(latencies, local...)
@@ -106,10 +141,24 @@ func main() {
 	elapsed := time.Since(started).Seconds()
 	sort.Float64s(latencies)
 	pct := func(p float64) float64 { return percentile(latencies, p) }
-	out, _ := json.Marshal(map[string]any{
+	result := map[string]any{
 		"op": *op, "concurrency": *concurrency, "ops": len(latencies), "errors": errors,
 		"opsPerSec": int(float64(len(latencies)) / elapsed), "p50": pct(50), "p99": pct(99), "p999": pct(99.9),
-	})
+		"warmup": *warmup, "errorExamples": firstErrors,
+	}
+	if *perSecond {
+		perSec := []map[string]any{}
+		for _, s := range buckets {
+			sort.Float64s(s.latencies)
+			p99 := any(nil)
+			if len(s.latencies) > 0 {
+				p99 = percentile(s.latencies, 99)
+			}
+			perSec = append(perSec, map[string]any{"ok": len(s.latencies), "errors": s.errors, "p99": p99})
+		}
+		result["seconds"] = perSec
+	}
+	out, _ := json.Marshal(result)
 	fmt.Println(string(out))
 }
 

@@ -23,7 +23,7 @@ import { DATA_KEY_BYTES, MAX_KEY_VERSION_BYTES, MAX_WRAPPED_BYTES } from '../env
 import type { BackendOperation, BackendOutcome, Metrics } from '../observability/metrics.ts';
 import { linkedSignal } from './abort.ts';
 import { Admission, type AdmissionLimits, type Slot } from './admission.ts';
-import { LatencyWindow } from './latency.ts';
+import { LatencyWindow, StallWatch } from './latency.ts';
 
 export interface BreakerSettings {
   /** Failure percentage in the rolling window that opens the breaker (default 50). */
@@ -112,6 +112,8 @@ export class GuardedBackend {
   readonly kind: string;
   readonly priority: number;
   readonly latency = new LatencyWindow();
+  /** Whether the backend has stopped answering (read by the Decrypt path's ordering and hedging). */
+  readonly stall = new StallWatch();
   /** Calls wait here, not in an SDK's connection pool, so waiting never counts as the backend's time. */
   readonly admission: Admission;
   private readonly breaker: CircuitBreaker<[Action, AbortSignal], unknown>;
@@ -331,6 +333,7 @@ export class GuardedBackend {
     const signal = linked.signal;
     const action: Action = async (s) => {
       let result: T;
+      this.stall.started(); // here, not before the breaker: a refusal of its own never reached the backend
       try {
         result = await abortable(fn(s), s);
       } catch (error) {
@@ -348,6 +351,7 @@ export class GuardedBackend {
     };
     try {
       const result = (await this.breaker.fire(action, signal).finally(() => linked.dispose())) as T;
+      this.stall.answered();
       const elapsed = performance.now() - started;
       this.latency.record(elapsed);
       this.metrics.backendLatency.observe({ backend: this.name, operation }, elapsed / 1000);
@@ -358,6 +362,8 @@ export class GuardedBackend {
       return result;
     } catch (raw) {
       const error = this.classify(raw, callerSignal, linked);
+      // Its own refusal or error is an answer; a timeout or an abort of ours is not.
+      if (error.code === 'BACKEND_REJECTED' || error.code === 'BACKEND_UNAVAILABLE') this.stall.answered();
       const outcome = OUTCOME_BY_CODE[error.code] ?? 'unavailable';
       this.metrics.backendRequests.inc({ backend: this.name, operation, outcome });
       const notTheBackends = outcome === 'breaker_open' || outcome === 'cancelled' || outcome === 'shed';

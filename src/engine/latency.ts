@@ -39,3 +39,40 @@ export class LatencyWindow {
     return this.sorted[index];
   }
 }
+
+/**
+ * Whether a backend has stopped answering: a call to it has been waiting for a while
+ * and nothing it was asked since has been answered. A frozen server (a stopped
+ * process, a black-holed link) keeps its connections open and answers nothing, so
+ * every call waits for its timeout, and the breaker hears of it only a timeout later
+ * (and, after thousands of successes in its window, not even then); LatencyWindow
+ * cannot tell either, as it only hears of calls that finished. A backend that
+ * answers slowly but steadily is not stalled. It stays stalled, once calls to it have
+ * timed out or been abandoned, until it answers something again (a Decrypt that had
+ * no other copy, a wrap, a health probe).
+ *
+ * GuardedBackend feeds it with every call that reaches the backend; the Decrypt
+ * path reads it (wrap-engine.ts): a stalled backend's copy is tried after the
+ * others, and hedging a call stuck on it is a failover, outside the hedge budget.
+ */
+export class StallWatch {
+  /** performance.now() when the first call since the last answer started; undefined while none is waiting. */
+  private silentSince: number | undefined;
+  private lastAnswerAt = -Infinity;
+
+  /** A call goes to the backend. */
+  started(): void {
+    this.silentSince ??= performance.now();
+  }
+
+  /** The backend answered a call: a result, or its own error (not a timeout, not an abort of ours). */
+  answered(): void {
+    this.lastAnswerAt = performance.now();
+    this.silentSince = undefined;
+  }
+
+  /** A call has waited at least `ms`, and nothing was answered in the last `ms`. */
+  stalled(ms: number, now = performance.now()): boolean {
+    return this.silentSince !== undefined && now - this.silentSince >= ms && now - this.lastAnswerAt >= ms;
+  }
+}

@@ -10,7 +10,10 @@
  * priority, health and latency. The best is started; the next is started at once if
  * it fails, or after a hedge delay (about that backend's p95) if it is slow, within
  * a hedge budget. The first key that passes the envelope's key commitment wins and
- * the other calls are aborted.
+ * the other calls are aborted. A backend that has stopped answering (StallWatch:
+ * calls waiting, none answered for twice its p99) is tried after the others, and
+ * hedging a call stuck on it is a failover, outside the budget: with a frozen
+ * preferred server, Decrypts cost about that wait, not the backend timeout.
  */
 import type { Logger } from 'pino';
 import { TrousseauError, errorCodeOf, type ErrorCode } from '../errors.ts';
@@ -353,20 +356,40 @@ export class WrapEngine {
     const usable = [];
     for (const copy of copies) {
       const backend = this.byName.get(copy.backendName);
-      if (backend && copy.wrapped) usable.push({ copy: copy as CopyEntry & { wrapped: Uint8Array }, backend });
+      if (backend && copy.wrapped) usable.push({ copy: copy as CopyEntry & { wrapped: Uint8Array }, backend, stalled: this.isStalled(backend) });
     }
     return usable.sort((a, b) => {
       const x = a.backend;
       const y = b.backend;
       // Backends known to be down (open breaker, failed probe) only when nothing else is
-      // left, whatever their priority; then priority, closed before half-open, latency.
+      // left, whatever their priority; then those that have stopped answering (before
+      // their breaker can know: timeouts take a whole timeout to count); then
+      // priority, closed before half-open, latency.
       return (
         (x.usable ? 0 : 1) - (y.usable ? 0 : 1) ||
+        (a.stalled ? 1 : 0) - (b.stalled ? 1 : 0) ||
         x.priority - y.priority ||
         BREAKER_RANK[x.breakerState] - BREAKER_RANK[y.breakerState] ||
         (x.latency.percentile(50) ?? Infinity) - (y.latency.percentile(50) ?? Infinity)
       );
     });
+  }
+
+  private isStalled(backend: GuardedBackend): boolean {
+    const after = this.stallAfter(backend);
+    return after !== undefined && backend.stall.stalled(after);
+  }
+
+  /**
+   * How long a backend may go without answering, while a call waits, before it counts
+   * as stalled: twice its recent p99 (a slow but steady backend, whose answers come
+   * further apart than the hedge delay, is not stalled), and never less than the
+   * hedge delay. Undefined (never stalled) while too few calls were measured to
+   * know what is normal for it.
+   */
+  private stallAfter(backend: GuardedBackend): number | undefined {
+    if (backend.latency.size < 20) return undefined;
+    return Math.max(this.hedgeDelay(backend), 2 * backend.latency.percentile(99)!);
   }
 
   private hedgeDelay(backend: GuardedBackend): number {
@@ -441,17 +464,24 @@ export class WrapEngine {
         attemptsInFlight.add(attempt);
         const attemptSignal = attempt.controller.signal;
         clearTimeout(hedgeTimer);
-        // Schedule a hedge behind this attempt if there is another copy to try.
-        if (this.settings.hedging.enabled && next < candidates.length) {
+        // Schedule a hedge behind this attempt if there is another copy to try. Without a
+        // budget token it is looked at again (half a delay later) while the call waits: the
+        // backend may stop answering meanwhile, and a hedge of a call stuck on a stalled
+        // backend is a failover, which no budget limits. It adds no load to the stalled
+        // backend (Decrypts go elsewhere first) and one call to the next, as a failover
+        // at the timeout would.
+        const armHedge = (delay: number) => {
           hedgeTimer = setTimeout(() => {
-            if (!done && this.hedgeBudget.trySpend()) {
+            if (done) return;
+            if (this.isStalled(backend) || this.hedgeBudget.trySpend()) {
               this.metrics.decryptHedges.inc();
               attempt.overtaken = true;
               launch('hedge');
-            }
-          }, this.hedgeDelay(backend));
+            } else armHedge(Math.max(this.settings.hedging.minDelayMs, delay / 2));
+          }, delay);
           hedgeTimer.unref();
-        }
+        };
+        if (this.settings.hedging.enabled && next < candidates.length) armHedge(this.hedgeDelay(backend));
         const onRaceAbort = () => attempt.controller.abort(signal.reason);
         signal.addEventListener('abort', onRaceAbort, { once: true });
         this.attempt(envelope, copy, backend, attemptSignal, deadlineAt).finally(() => {
