@@ -11,6 +11,12 @@
  *                                    injected-latency scenarios (bench/scenarios.ts)
  *   npm run bench -- --scenario memory
  *                                    RSS and heap idle, under load, across churn (bench/memory.ts)
+ *   npm run bench -- --scenario footprint [--variant image ...]
+ *                                    RSS after start, idle and under load per configuration (dev,
+ *                                    one backend of each type) and Node flag set (bench/memory.ts)
+ *   npm run bench -- --scenario startup [--runs N]
+ *                                    spawn to Status answering, median and max (bench/startup.ts;
+ *                                    both need test/servers/up.sh openbao local-kms lowkey-vault)
  *   npm run bench -- --scenario overload
  *                                    5,000-call bursts against the real test servers (bench/overload.ts;
  *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
@@ -55,6 +61,10 @@ const { values: args } = parseArgs({
     out: { type: 'string' },
     /** memory scenario: Encrypt + Decrypt calls in the churn phase. */
     calls: { type: 'string' },
+    /** startup scenario: starts per configuration and cache state. */
+    runs: { type: 'string' },
+    /** footprint scenario: Node flag sets to compare (bench/memory.ts FOOTPRINT_VARIANTS; default all). */
+    variant: { type: 'string', multiple: true },
   },
 });
 
@@ -62,6 +72,8 @@ if (args.scenario?.length) {
   const { runScenarios } = await import('./scenarios.ts');
   const { runMemory } = await import('./memory.ts');
   const { runOverload } = await import('./overload.ts');
+  const { runStartup } = await import('./startup.ts');
+  const { runFootprint } = await import('./memory.ts');
   const names = args.scenario.includes('all') ? ['fanout', 'failover', 'hedging', 'storm', 'memory'] : args.scenario;
   const results: Record<string, unknown> = {};
   for (const name of names) {
@@ -70,7 +82,11 @@ if (args.scenario?.length) {
         ? await runMemory({ calls: args.calls === undefined ? undefined : Number(args.calls) })
         : name === 'overload'
           ? await runOverload({ client: args.client })
-          : (await runScenarios([name]))[name];
+          : name === 'startup'
+            ? await runStartup({ runs: args.runs === undefined ? undefined : Number(args.runs) })
+            : name === 'footprint'
+              ? await runFootprint({ variants: args.variant })
+              : (await runScenarios([name]))[name];
     // One line per scenario, so bench/results.jsonl stays one comparable record per line.
     if (args.out) emit(`scenario:${name}`, results[name] as Record<string, unknown>, { json: false, out: args.out });
   }
