@@ -39,7 +39,7 @@ const dir = await mkdtemp(path.join(os.tmpdir(), 'trousseau-aws-cpu-'));
 const kms = await startOwnLocalKms(dir);
 try {
   const context = { envelopeId: Buffer.alloc(16, 1), backendName: 'aws' };
-  const backend = awsBackend.create(awsBackend.configSchema.parse({ name: 'aws', type: 'aws', keyId: KEY_ARN, region: REGION, endpoint: kms.endpoint, timeoutMs: 1000 }), { logger: silentLogger(), baseDir: dir });
+  const backend = await awsBackend.create(awsBackend.configSchema.parse({ name: 'aws', type: 'aws', keyId: KEY_ARN, region: REGION, endpoint: kms.endpoint, timeoutMs: 1000 }), { logger: silentLogger(), baseDir: dir });
   const dataKey = Buffer.alloc(32, 7);
   const wrapped = await backend.wrap(dataKey, context, new AbortController().signal);
   const variants = (process.env.VARIANTS ?? 'backend,sdk-default,sdk-cached').split(',');

@@ -281,3 +281,106 @@ export async function runMemory(options: { calls?: number | undefined } = {}): P
   }
   return result;
 }
+
+/**
+ * Footprint scenario (`npm run bench -- --scenario footprint`): RSS per configuration
+ * (plugin-process.ts: dev, and one backend of each type) and per set of Node flags,
+ * with a warm compile cache as in the image: after start-up, after 10 s idle, and the
+ * peak while bench/goload runs 10 s of Decrypt and 10 s of Encrypt at concurrency 16,
+ * beside the p99 and the plugin CPU per call of those runs. RSS is split into what is
+ * mapped from the node binary (shared, clean, the same for every Node process) and
+ * anonymous memory (heap, malloc, code), from /proc/<pid>/smaps_rollup and smaps.
+ */
+export const FOOTPRINT_VARIANTS: Record<string, { nodeArgs: string[]; env?: Record<string, string> }> = {
+  image: { nodeArgs: [] },
+  'optimize-for-size': { nodeArgs: ['--optimize-for-size'] },
+  'max-old-space-size=96': { nodeArgs: ['--max-old-space-size=96'] },
+  'single-threaded-gc': { nodeArgs: ['--single-threaded-gc'] },
+  'max-lazy': { nodeArgs: ['--max-lazy'] },
+  'MALLOC_ARENA_MAX=2': { nodeArgs: [], env: { MALLOC_ARENA_MAX: '2' } },
+};
+
+function mappedFromBinaryMiB(pid: number): number {
+  let kb = 0;
+  let fromNode = false;
+  for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+    if (/^[0-9a-f]+-[0-9a-f]+ /.test(line)) fromNode = /\/node$/.test(line.trim());
+    else if (fromNode && line.startsWith('Rss:')) kb += Number(/(\d+)/.exec(line)?.[1] ?? 0);
+  }
+  return round1(kb / 1024);
+}
+
+function anonymousMiB(pid: number): number {
+  const kb = Number(/^Anonymous:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))?.[1] ?? NaN);
+  return round1(kb / 1024);
+}
+
+async function goloadRun(socket: string, op: 'decrypt' | 'encrypt', pid: number): Promise<Record<string, number>> {
+  const { goloadBinary } = await import('./goload-binary.ts');
+  let peak = 0;
+  const sampler = setInterval(() => (peak = Math.max(peak, rssMiB(pid))), 200);
+  const cpuBefore = (await import('./plugin-process.ts')).cpuSeconds(pid);
+  const output = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    const load = spawn(goloadBinary(), ['-socket', socket, '-op', op, '-concurrency', '16', '-seconds', '10'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    load.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    load.once('exit', (code) => (code === 0 ? resolve(out) : reject(new Error(`goload exited with ${code}`))));
+  });
+  clearInterval(sampler);
+  const r = JSON.parse(output) as { ops: number; opsPerSec: number; p99: number; errors: number };
+  const cpu = (await import('./plugin-process.ts')).cpuSeconds(pid) - cpuBefore;
+  // goload's warm-up calls (4 per caller) are in the CPU time too.
+  return { opsPerSec: r.opsPerSec, p99Ms: round1(r.p99), errors: r.errors, cpuUsPerCall: Math.round((cpu * 1e6) / (r.ops + 64)), rssPeakMiB: round1(peak) };
+}
+
+export async function runFootprint(options: { variants?: string[] | undefined } = {}): Promise<Record<string, unknown>> {
+  const { startPluginProcess, unavailable } = await import('./plugin-process.ts');
+  const variants = options.variants ?? Object.keys(FOOTPRINT_VARIANTS);
+  const result: Record<string, unknown> = { load: loadAverage() };
+  const cache = await mkdtemp(path.join(os.tmpdir(), 'trousseau-compile-cache-'));
+  try {
+    for (const configuration of ['dev', 'all'] as const) {
+      const missing = unavailable(configuration);
+      if (missing) {
+        result[configuration] = { skipped: missing };
+        console.error(`footprint ${configuration}: skipped (${missing})`);
+        continue;
+      }
+      const rows: Record<string, unknown> = {};
+      for (const name of variants) {
+        const variant = FOOTPRINT_VARIANTS[name];
+        if (!variant) throw new Error(`unknown footprint variant ${name}`);
+        const dir = await mkdtemp(path.join(os.tmpdir(), 'trousseau-footprint-'));
+        const saved = { ...process.env };
+        Object.assign(process.env, variant.env ?? {});
+        const nodeArgs = [...pluginNodeArgs(root), ...variant.nodeArgs];
+        // The first start of a flag set fills its compile cache (V8 flags are part of the cache key).
+        await (await startPluginProcess(dir, configuration, { compileCache: cache, nodeArgs })).stop();
+        const plugin = await startPluginProcess(dir, configuration, { compileCache: cache, nodeArgs });
+        process.env = saved;
+        const pid = plugin.child.pid!;
+        try {
+          const afterStart = rssMiB(pid);
+          await sleep(10_000);
+          const metrics = await processMetrics(plugin.metricsUrl);
+          const idle = { rssMiB: rssMiB(pid), fromNodeBinaryMiB: mappedFromBinaryMiB(pid), anonymousMiB: anonymousMiB(pid), ...metrics };
+          const decrypt = await goloadRun(plugin.socket, 'decrypt', pid);
+          const encrypt = await goloadRun(plugin.socket, 'encrypt', pid);
+          const after = { rssMiB: rssMiB(pid), fromNodeBinaryMiB: mappedFromBinaryMiB(pid), anonymousMiB: anonymousMiB(pid), ...(await processMetrics(plugin.metricsUrl)) };
+          rows[name] = { nodeArgs: nodeArgs.join(' '), env: variant.env ?? {}, afterStartMiB: afterStart, idle, decrypt, encrypt, afterLoad: after, load: loadAverage() };
+          console.error(
+            `footprint ${configuration} ${name}: RSS start ${afterStart} / idle ${idle.rssMiB} (binary ${idle.fromNodeBinaryMiB}, anon ${idle.anonymousMiB}, heap ${idle.heapUsedMiB}, external ${idle.externalMiB}) / load peak ${Math.max(decrypt.rssPeakMiB!, encrypt.rssPeakMiB!)} MiB; decrypt ${decrypt.opsPerSec}/s p99 ${decrypt.p99Ms} ms ${decrypt.cpuUsPerCall} us/call; encrypt ${encrypt.opsPerSec}/s p99 ${encrypt.p99Ms} ms ${encrypt.cpuUsPerCall} us/call (load ${loadAverage()})`,
+          );
+        } finally {
+          await plugin.stop();
+          await rm(dir, { recursive: true, force: true });
+        }
+      }
+      result[configuration] = rows;
+    }
+  } finally {
+    await rm(cache, { recursive: true, force: true });
+  }
+  result.loadAtEnd = loadAverage();
+  return result;
+}

@@ -11,19 +11,22 @@
  *                                    injected-latency scenarios (bench/scenarios.ts)
  *   npm run bench -- --scenario memory
  *                                    RSS and heap idle, under load, across churn (bench/memory.ts)
+ *   npm run bench -- --scenario footprint [--variant image ...]
+ *                                    RSS after start, idle and under load per configuration (dev,
+ *                                    one backend of each type) and Node flag set (bench/memory.ts)
+ *   npm run bench -- --scenario startup [--runs N]
+ *                                    spawn to Status answering, median and max (bench/startup.ts;
+ *                                    both need test/servers/up.sh openbao local-kms lowkey-vault)
  *   npm run bench -- --scenario overload
  *                                    5,000-call bursts against the real test servers (bench/overload.ts;
  *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
-<<<<<<< HEAD
  *   npm run bench -- --scenario kms-plugin
  *                                    wraps/unwraps through aws-encryption-provider, direct vs the kms-plugin
  *                                    backend (bench/kms-plugin.ts; needs local-kms and aws-encryption-provider)
-=======
  *   npm run bench -- --scenario peers [--rounds 3] [--seconds 5]
  *                                    Trousseau beside aws-encryption-provider and vault-kubernetes-kms
  *                                    on the same servers, interleaved, plus an outage round (bench/peers.ts;
  *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
->>>>>>> h-awsperf
  *   ... --out bench/results.jsonl    append the run's JSON line (stamped with commit, date,
  *                                    node, cpus, load: bench/record.ts) to a file
  *   node bench/charts.ts             redraw docs/charts/*.svg from bench/results.jsonl
@@ -67,6 +70,10 @@ const { values: args } = parseArgs({
     calls: { type: 'string' },
     /** peers scenario: interleaved rounds. */
     rounds: { type: 'string' },
+    /** startup scenario: starts per configuration and cache state. */
+    runs: { type: 'string' },
+    /** footprint scenario: Node flag sets to compare (bench/memory.ts FOOTPRINT_VARIANTS; default all). */
+    variant: { type: 'string', multiple: true },
   },
 });
 
@@ -80,6 +87,8 @@ if (args.scenario?.length) {
     overload: async () => (await import('./overload.ts')).runOverload({ client: args.client }),
     'kms-plugin': async () => (await import('./kms-plugin.ts')).runKmsPlugin({ seconds: numberArg(args.seconds) }),
     peers: async () => (await import('./peers.ts')).runPeers({ rounds: numberArg(args.rounds), seconds: numberArg(args.seconds) }),
+    startup: async () => (await import('./startup.ts')).runStartup({ runs: numberArg(args.runs) }),
+    footprint: async () => (await import('./memory.ts')).runFootprint({ variants: args.variant }),
   };
   const names = args.scenario.includes('all') ? ['fanout', 'failover', 'hedging', 'storm', 'memory'] : args.scenario;
   const results: Record<string, unknown> = {};

@@ -78,15 +78,21 @@ export class Plugin implements KmsCore {
   /** Extra conditions for readiness beyond the backends (the socket still being ours). */
   private readonly readinessChecks: (() => string | undefined)[] = [];
 
-  constructor(options: PluginOptions) {
+  /** The plugin with its backends built from the configuration (each loads its SDK: definition.ts). */
+  static async create(options: PluginOptions): Promise<Plugin> {
+    const backends = options.backends ?? (await Promise.all(options.config.backends.map((b) => buildBackend(b, options.baseDir, options.logger))));
+    return new Plugin({ ...options, backends });
+  }
+
+  /** Built from `backends` as given; Plugin.create builds them from the configuration. */
+  constructor(options: PluginOptions & { backends: KeyBackend[] }) {
     const { config, logger, metrics } = options;
     this.config = config;
     this.logger = logger;
     this.metrics = metrics;
     this.admission = new Admission('kms', config.overload.kms, { shed: (reason) => metrics.overloadShed.inc({ stage: 'kms', backend: '', reason }) });
     metrics.trackAdmission('kms', '', this.admission);
-    const raw = options.backends ?? config.backends.map((b) => buildBackend(b, options.baseDir, logger));
-    this.backends = raw.map((backend) => {
+    this.backends = options.backends.map((backend) => {
       const settings = config.backends.find((b) => b.name === backend.name);
       return new GuardedBackend(
         backend,
@@ -246,11 +252,11 @@ export class Plugin implements KmsCore {
   }
 }
 
-function buildBackend(config: Config['backends'][number], baseDir: string, logger: Logger): KeyBackend {
+async function buildBackend(config: Config['backends'][number], baseDir: string, logger: Logger): Promise<KeyBackend> {
   const definition = definitionFor(config.type);
   try {
     if (!definition) throw new Error(`unknown backend type ${config.type}`);
-    return definition.create(config, { logger: logger.child({ backend: config.name }), baseDir });
+    return await definition.create(config, { logger: logger.child({ backend: config.name }), baseDir });
   } catch (error) {
     const reason = error instanceof TrousseauError ? error.message : 'construction failed';
     logger.error({ backend: config.name, code: errorCodeOf(error) }, 'backend could not be set up; it stays unavailable');

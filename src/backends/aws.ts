@@ -8,14 +8,8 @@
  * "discovery" of the key from the ciphertext) and the key KMS reports having used is
  * checked again. See docs/backends/aws-kms.md.
  */
-import {
-  DecryptCommand,
-  DescribeKeyCommand,
-  EncryptCommand,
-  KMSClient,
-  type KeyMetadata,
-} from '@aws-sdk/client-kms';
-import { fromTemporaryCredentials } from '@aws-sdk/credential-providers';
+import type * as KmsSdk from '@aws-sdk/client-kms';
+import type * as CredentialProvidersSdk from '@aws-sdk/credential-providers';
 import { z } from 'zod';
 import { TrousseauError } from '../errors.ts';
 import { contextMap, type KeyBackend, type WrapContext, type WrappedKey } from './backend.ts';
@@ -83,8 +77,32 @@ export type AwsBackendConfig = z.output<typeof awsConfigSchema>;
 export const awsBackend: BackendDefinition<typeof awsConfigSchema> = {
   type: 'aws',
   configSchema: awsConfigSchema,
-  create: (config) => new AwsKmsBackend(config),
+  create: async (config) => {
+    await loadAwsSdk();
+    return new AwsKmsBackend(config);
+  },
 };
+
+// The SDK's classes, bound by loadAwsSdk(): only a plugin with an aws backend loads the
+// SDK (definition.ts). They keep the SDK's names so that the code below reads as usual.
+let KMSClient: typeof KmsSdk.KMSClient;
+type KMSClient = KmsSdk.KMSClient;
+let EncryptCommand: typeof KmsSdk.EncryptCommand;
+let DecryptCommand: typeof KmsSdk.DecryptCommand;
+let DescribeKeyCommand: typeof KmsSdk.DescribeKeyCommand;
+let fromTemporaryCredentials: typeof CredentialProvidersSdk.fromTemporaryCredentials;
+type KeyMetadata = KmsSdk.KeyMetadata;
+let awsSdkLoaded = false;
+
+/** Load the AWS SDK (once); awsBackend.create does, code that builds an AwsKmsBackend itself must first. */
+export async function loadAwsSdk(): Promise<void> {
+  if (awsSdkLoaded) return;
+  const [kms, providers] = await Promise.all([import('@aws-sdk/client-kms'), import('@aws-sdk/credential-providers')]);
+  ({ EncryptCommand, DecryptCommand, DescribeKeyCommand } = kms);
+  fromTemporaryCredentials = providers.fromTemporaryCredentials;
+  KMSClient = kms.KMSClient;
+  awsSdkLoaded = true;
+}
 
 /**
  * The SDK's own retries must end inside the engine's per-call timeout: one retry
@@ -103,6 +121,7 @@ export class AwsKmsBackend implements KeyBackend {
   private keyArn: string | undefined;
 
   constructor(config: AwsBackendConfig) {
+    if (!awsSdkLoaded) throw new Error('AwsKmsBackend built before loadAwsSdk()');
     this.config = config;
     this.name = config.name;
     const role = config.assumeRole;

@@ -22,14 +22,9 @@ import { rootCertificates } from 'node:tls';
 import path from 'node:path';
 import { z } from 'zod';
 import type { AccessToken, GetTokenOptions, TokenCredential } from '@azure/core-auth';
-import {
-  ClientCertificateCredential,
-  ClientSecretCredential,
-  DefaultAzureCredential,
-  ManagedIdentityCredential,
-  WorkloadIdentityCredential,
-} from '@azure/identity';
-import { CryptographyClient, KeyClient, type CryptographyClientOptions, type KeyVaultKey } from '@azure/keyvault-keys';
+import type * as IdentitySdk from '@azure/identity';
+import type * as KeyVaultSdk from '@azure/keyvault-keys';
+import type { CryptographyClientOptions, KeyVaultKey } from '@azure/keyvault-keys';
 import { readCredentialFile } from '../config/trusted-path.ts';
 import { TrousseauError, isTrousseauError } from '../errors.ts';
 import { encodeSignedCopy, parseAzureCopy, signedDigest, verifyCopySignature, rsaPublicKeyFromJwk } from './azure-copy.ts';
@@ -91,8 +86,37 @@ export type AzureBackendConfig = z.output<typeof azureConfigSchema>;
 export const azureBackend: BackendDefinition<typeof azureConfigSchema> = {
   type: 'azure',
   configSchema: azureConfigSchema,
-  create: (config, deps) => new AzureKeyVaultBackend(config, { baseDir: deps.baseDir }),
+  create: async (config, deps) => {
+    await loadAzureSdk();
+    return new AzureKeyVaultBackend(config, { baseDir: deps.baseDir });
+  },
 };
+
+// The SDKs' classes, bound by loadAzureSdk(): only a plugin with an azure backend loads
+// them (definition.ts). They keep the SDKs' names so that the code below reads as usual.
+let ClientCertificateCredential: typeof IdentitySdk.ClientCertificateCredential;
+let ClientSecretCredential: typeof IdentitySdk.ClientSecretCredential;
+type ClientSecretCredential = IdentitySdk.ClientSecretCredential;
+let DefaultAzureCredential: typeof IdentitySdk.DefaultAzureCredential;
+let ManagedIdentityCredential: typeof IdentitySdk.ManagedIdentityCredential;
+let WorkloadIdentityCredential: typeof IdentitySdk.WorkloadIdentityCredential;
+let CryptographyClient: typeof KeyVaultSdk.CryptographyClient;
+type CryptographyClient = KeyVaultSdk.CryptographyClient;
+let KeyClient: typeof KeyVaultSdk.KeyClient;
+type KeyClient = KeyVaultSdk.KeyClient;
+let azureSdkLoaded: Promise<void> | undefined;
+
+/**
+ * Load the Azure SDKs (once). azureBackend.create does, and so does the backend before
+ * it first builds its clients, so code that builds an AzureKeyVaultBackend itself works too.
+ */
+export function loadAzureSdk(): Promise<void> {
+  azureSdkLoaded ??= Promise.all([import('@azure/identity'), import('@azure/keyvault-keys')]).then(([identity, keyVault]) => {
+    ({ ClientCertificateCredential, ClientSecretCredential, DefaultAzureCredential, ManagedIdentityCredential, WorkloadIdentityCredential } = identity);
+    ({ CryptographyClient, KeyClient } = keyVault);
+  });
+  return azureSdkLoaded;
+}
 
 export interface AzureBackendOptions {
   /** Folder relative file paths (caFile, secret files) are resolved against. */
@@ -363,6 +387,7 @@ export class AzureKeyVaultBackend implements KeyBackend {
   }
 
   private async buildClients(): Promise<Clients> {
+    await loadAzureSdk();
     let agent: Agent | undefined;
     if (this.config.caFile) {
       const file = path.resolve(this.options.baseDir, this.config.caFile);

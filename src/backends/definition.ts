@@ -1,6 +1,13 @@
 /**
  * What a backend file exports besides its KeyBackend class: its config schema and a
  * factory. Kept apart from registry.ts so backend files never import the registry.
+ *
+ * The registry imports every backend file (the configuration schema lists every
+ * type), so a backend file must not import its SDK at the top: only `import type`
+ * there, and `await import()` in `create`. A plugin then loads only the SDKs of the
+ * backend types it is configured with; the Vault, AWS and Azure SDKs together cost
+ * ~90 MiB of RSS and most of the start-up time (docs/performance.md, "Memory and
+ * start-up"). test/reliability/lazy-sdk.test.ts checks it.
  */
 import { z } from 'zod';
 import type { Logger } from 'pino';
@@ -29,6 +36,7 @@ export interface BackendDefinition<Schema extends z.ZodObject = z.ZodObject> {
   type: string;
   /** Zod schema of the backend's config block, including commonBackendFields and a `type` literal. */
   configSchema: Schema;
-  create(config: z.output<Schema>, deps: BackendDependencies): KeyBackend;
+  /** Loads the backend's SDK (once per process) and builds the backend; rejects when it cannot be set up. */
+  create(config: z.output<Schema>, deps: BackendDependencies): Promise<KeyBackend>;
 }
 

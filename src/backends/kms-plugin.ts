@@ -94,7 +94,7 @@ export type KmsPluginBackendConfig = z.output<typeof kmsPluginConfigSchema>;
 export const kmsPluginBackend: BackendDefinition<typeof kmsPluginConfigSchema> = {
   type: 'kms-plugin',
   configSchema: kmsPluginConfigSchema,
-  create: (config, deps) => new KmsPluginBackend({ ...config, socket: path.resolve(deps.baseDir, config.socket) }),
+  create: async (config, deps) => new KmsPluginBackend({ ...config, socket: path.resolve(deps.baseDir, config.socket) }),
 };
 
 /** What the inner plugin's Decrypt needs back, as stored in our copy. */

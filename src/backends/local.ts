@@ -56,7 +56,7 @@ export type LocalBackendConfig = z.output<typeof localConfigSchema>;
 export const localBackend: BackendDefinition<typeof localConfigSchema> = {
   type: 'local',
   configSchema: localConfigSchema,
-  create: (config, deps) =>
+  create: async (config, deps) =>
     new LocalKeyBackend(
       config.name,
       path.resolve(deps.baseDir, config.keyFile),

@@ -26,7 +26,7 @@ import { stat } from 'node:fs/promises';
 import http from 'node:http';
 import https from 'node:https';
 import path from 'node:path';
-import NodeVault from 'node-vault';
+import type NodeVaultModule from 'node-vault';
 import type { Logger } from 'pino';
 import { z } from 'zod';
 import { readCredentialFile } from '../config/trusted-path.ts';
@@ -149,8 +149,19 @@ type AuthConfig = VaultBackendConfig['auth'];
 export const vaultBackend: BackendDefinition<typeof vaultConfigSchema> = {
   type: 'vault',
   configSchema: vaultConfigSchema,
-  create: (config, deps) => new VaultBackend(config, { baseDir: deps.baseDir, logger: deps.logger }),
+  create: async (config, deps) => {
+    await loadVaultSdk();
+    return new VaultBackend(config, { baseDir: deps.baseDir, logger: deps.logger });
+  },
 };
+
+// node-vault, bound by loadVaultSdk(): only a plugin with a vault backend loads it (definition.ts).
+let NodeVault: typeof NodeVaultModule | undefined;
+
+/** Load node-vault (once); vaultBackend.create does, code that builds a VaultBackend itself must first. */
+export async function loadVaultSdk(): Promise<void> {
+  NodeVault ??= (await import('node-vault')).default;
+}
 
 export interface VaultBackendOptions {
   /** Folder relative file paths are resolved against. */
@@ -158,7 +169,7 @@ export interface VaultBackendOptions {
   logger?: Logger;
 }
 
-type VaultClient = ReturnType<typeof NodeVault>;
+type VaultClient = ReturnType<typeof NodeVaultModule>;
 
 /** The request shape node-vault hands to its pluggable request function. */
 interface RawRequest {
@@ -211,6 +222,7 @@ export class VaultBackend implements KeyBackend {
     // binding it again would write the "backend" key twice in every line.
     const named = options.logger?.bindings().backend === config.name;
     this.logger = options.logger?.child(named ? { kind: 'vault' } : { backend: config.name, kind: 'vault' });
+    if (!NodeVault) throw new Error('VaultBackend built before loadVaultSdk()');
     this.client = NodeVault({
       endpoint: config.address,
       // node-vault logs request bodies (plaintext keys, secret_ids) when DEBUG matches it.

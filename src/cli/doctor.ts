@@ -496,7 +496,7 @@ async function checkCredentials(check: string, backend: BackendConfig, baseDir: 
   const definition = definitionFor(backend.type)!;
   let instance;
   try {
-    instance = definition.create(backend, { logger: silentLogger(), baseDir });
+    instance = await definition.create(backend, { logger: silentLogger(), baseDir });
   } catch (error) {
     return [fail(check, `the backend cannot be set up: ${safeMessage(error)}`, 'correct its configuration block')];
   }

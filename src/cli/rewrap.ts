@@ -195,7 +195,7 @@ export function registerRewrapCommand(program: Command): void {
     .option('--json', 'report one JSON object per envelope on stderr')
     .action(async (files: string[], options: { config: string; dryRun?: boolean; force?: boolean; allowPartial?: boolean; json?: boolean }) => {
       const { config, baseDir } = await loadConfigFile(options.config);
-      const plugin = new Plugin({ config, baseDir, logger: createLogger('error'), metrics: new Metrics() });
+      const plugin = await Plugin.create({ config, baseDir, logger: createLogger('error'), metrics: new Metrics() });
       const counts = { rewrapped: 0, current: 0, failed: 0 };
       // On a terminal a progress line is kept at the bottom (rewritten in place); in a
       // pipe or a log, only the report lines and the summary.

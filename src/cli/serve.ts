@@ -58,7 +58,7 @@ export async function startPlugin(
   onServer: (kms: KmsServer) => void = () => undefined,
 ): Promise<RunningPlugin> {
   const metrics = new Metrics({ processMetrics: true });
-  const plugin = new Plugin({ config, baseDir, logger, metrics });
+  const plugin = await Plugin.create({ config, baseDir, logger, metrics });
   const kms = new KmsServer(plugin, { path: config.socket.path, mode: config.socket.mode, group: config.socket.group }, metrics, logger, {
     maxConcurrentStreams: config.connections.maxConcurrentStreams,
     idleTimeoutMs: config.connections.idleTimeoutMs,

@@ -33,7 +33,7 @@ export async function runVerify(options: VerifyOptions): Promise<EscrowReport> {
   if (options.config) {
     const { config, baseDir } = await loadConfigFile(options.config);
     const logger = createLogger((options.logLevel ?? 'error') as 'error');
-    const plugin = new Plugin({ config, baseDir, logger, metrics: new Metrics() });
+    const plugin = await Plugin.create({ config, baseDir, logger, metrics: new Metrics() });
     try {
       return await plugin.verifyEscrow(undefined, renew);
     } finally {

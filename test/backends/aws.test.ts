@@ -20,11 +20,14 @@ import {
   KMSInternalException,
   UpdateAliasCommand,
 } from '@aws-sdk/client-kms';
-import { AwsKmsBackend, awsConfigSchema, classify } from '../../src/backends/aws.ts';
+import { AwsKmsBackend, awsConfigSchema, classify, loadAwsSdk } from '../../src/backends/aws.ts';
 import { contextMap, type KeyBackend, type WrapContext } from '../../src/backends/backend.ts';
 import { errorCodeOf, type ErrorCode } from '../../src/errors.ts';
 import { requireServer } from '../helpers/servers.ts';
 import { runBackendConformance } from './conformance.ts';
+
+// Built directly below, not through the backend's definition, which loads the SDK itself.
+await loadAwsSdk();
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 

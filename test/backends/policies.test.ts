@@ -22,11 +22,14 @@ import { fileURLToPath } from 'node:url';
 import test from 'ava';
 import { CreateKeyCommand, DisableKeyCommand, KMSClient } from '@aws-sdk/client-kms';
 import type { CryptographyClientOptions } from '@azure/keyvault-keys';
-import { AwsKmsBackend, awsConfigSchema } from '../../src/backends/aws.ts';
+import { AwsKmsBackend, awsConfigSchema, loadAwsSdk } from '../../src/backends/aws.ts';
 import { AzureKeyVaultBackend, azureConfigSchema } from '../../src/backends/azure.ts';
 import type { KeyBackend, WrapContext } from '../../src/backends/backend.ts';
 import { errorCodeOf } from '../../src/errors.ts';
 import { requireServer } from '../helpers/servers.ts';
+
+// Built directly below, not through the backend's definition, which loads the SDK itself.
+await loadAwsSdk();
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const signal = (): AbortSignal => AbortSignal.timeout(10_000);

@@ -16,10 +16,13 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import test from 'ava';
 import type { WrapContext } from '../../src/backends/backend.ts';
-import { VaultBackend, vaultConfigSchema } from '../../src/backends/vault.ts';
+import { loadVaultSdk, VaultBackend, vaultConfigSchema } from '../../src/backends/vault.ts';
 import { errorCodeOf } from '../../src/errors.ts';
 import { runBackendConformance } from './conformance.ts';
 import { requireServer, requireVar } from '../helpers/servers.ts';
+
+// Built directly below, not through the backend's definition, which loads the SDK itself.
+await loadVaultSdk();
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const policyText = readFileSync(path.join(root, 'policies/vault/trousseau.hcl'), 'utf8');

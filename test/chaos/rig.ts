@@ -235,7 +235,7 @@ export async function startInProcess(configObject: Record<string, unknown>, base
   const config = parseConfig(configObject, 'chaos configuration');
   const metrics = new Metrics();
   const logger = silentLogger();
-  const plugin = new Plugin({ config, baseDir, logger, metrics });
+  const plugin = await Plugin.create({ config, baseDir, logger, metrics });
   const server = new KmsServer(plugin, { path: config.socket.path, mode: config.socket.mode, group: config.socket.group }, metrics, logger);
   await plugin.start();
   await server.start();

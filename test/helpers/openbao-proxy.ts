@@ -40,7 +40,7 @@ export async function openbaoBehindProxy(t: ExecutionContext, timeoutMs: number)
  */
 export async function heldDecryptSetup(t: ExecutionContext, dir: string, socketPath: string, plaintext: Buffer, drainTimeoutMs: number) {
   const { proxy, backend } = await openbaoBehindProxy(t, 2900);
-  const writer = new Plugin({ config: parseConfig({ quorum: 1, backends: [backend] }), baseDir: dir, logger: silentLogger(), metrics: new Metrics() });
+  const writer = await Plugin.create({ config: parseConfig({ quorum: 1, backends: [backend] }), baseDir: dir, logger: silentLogger(), metrics: new Metrics() });
   await writer.start();
   const envelope = await writer.encrypt(plaintext, 'v2', new AbortController().signal);
   await writer.close();

@@ -72,7 +72,7 @@ if ('missing' in server) {
       'test configuration',
     );
     const metrics = new Metrics();
-    const plugin = new Plugin({ config, baseDir: dir, logger: silentLogger(), metrics });
+    const plugin = await Plugin.create({ config, baseDir: dir, logger: silentLogger(), metrics });
     t.teardown(() => plugin.close());
     await plugin.start();
 

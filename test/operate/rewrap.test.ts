@@ -33,7 +33,7 @@ function copies(doc: string): Map<string, string> {
 /** Open `doc` once per backend with that backend's copy only, in a fresh plugin on the same key files. */
 async function openWithEach(h: Harness, doc: string): Promise<Map<string, string>> {
   const config = parseConfig({ quorum: 2, backends: [...h.keyFiles].map(([name, keyFile]) => ({ name, type: 'local', keyFile })) });
-  const plugin = new Plugin({ config, baseDir: h.dir, logger: silentLogger(), metrics: new Metrics() });
+  const plugin = await Plugin.create({ config, baseDir: h.dir, logger: silentLogger(), metrics: new Metrics() });
   try {
     const parsed = parseEnvelopeDocument(doc);
     const opened = new Map<string, string>();

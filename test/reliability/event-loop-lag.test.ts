@@ -87,7 +87,7 @@ async function startPlugin(t: ExecutionContext, quorum: number, encrypt: Record<
   const dir = await tempDir(t);
   await generateKeyFile(path.join(dir, 'local.key'));
   const metrics = new Metrics();
-  const plugin = new Plugin({
+  const plugin = await Plugin.create({
     config: parseConfig({
       quorum,
       backends: [

@@ -66,7 +66,7 @@ test.serial('a frozen preferred AWS server: every Decrypt at concurrency 16 is a
   );
   const metrics = new Metrics();
   const logger = silentLogger();
-  const plugin = new Plugin({ config, baseDir: dir, logger, metrics });
+  const plugin = await Plugin.create({ config, baseDir: dir, logger, metrics });
   const server = new KmsServer(plugin, { path: socketPath, mode: config.socket.mode, group: config.socket.group }, metrics, logger);
   await plugin.start();
   await server.start();

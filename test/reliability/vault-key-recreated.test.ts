@@ -70,7 +70,7 @@ if ('missing' in server) {
         done();
       },
     });
-    const plugin = new Plugin({ config, baseDir: dir, logger: createLogger('warn', sink), metrics: new Metrics() });
+    const plugin = await Plugin.create({ config, baseDir: dir, logger: createLogger('warn', sink), metrics: new Metrics() });
     t.teardown(() => plugin.close());
     await plugin.start();
     const before = plugin.status();

@@ -260,12 +260,14 @@ test('trace-level workload over every backend leaks no plaintext, key, token or 
   const logger = createLogger('trace', log);
   const metrics = new Metrics({ processMetrics: true });
   let localB: FaultBackend | undefined;
-  const built: KeyBackend[] = config.backends.map((b) => {
-    const backend = definitionFor(b.type)!.create(b, { logger: logger.child({ backend: b.name }), baseDir: dir });
-    if (b.name !== 'local-b') return backend;
-    localB = new FaultBackend(backend);
-    return localB;
-  });
+  const built: KeyBackend[] = await Promise.all(
+    config.backends.map(async (b) => {
+      const backend = await definitionFor(b.type)!.create(b, { logger: logger.child({ backend: b.name }), baseDir: dir });
+      if (b.name !== 'local-b') return backend;
+      localB = new FaultBackend(backend);
+      return localB;
+    }),
+  );
   const plugin = new Plugin({ config, baseDir: dir, logger, metrics, backends: built });
   const kms = new KmsServer(plugin, { path: socketPath, mode: config.socket.mode, group: config.socket.group }, metrics, logger);
   const http = new ObservabilityServer(metrics, plugin, logger);
