@@ -31,7 +31,7 @@ node=$root/node_modules/.bin/node
 start=$SECONDS
 
 die() { echo "build.sh: $*" >&2; exit 1; }
-say() { echo "build.sh: $*" >&2; }
+say() { echo "build.sh [$((SECONDS - start)) s]: $*" >&2; }
 for tool in buildah skopeo apt-get dpkg-deb ldd strip; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is missing (bash test/servers/install-image-tools.sh installs the image tools)"
 done
@@ -73,7 +73,6 @@ if [ "$(cat "$deps/.key" 2>/dev/null)" != "$deps_key" ]; then
   # From the lock file: the staging tree lacks the dev dependencies npm sbom would
   # otherwise report as missing.
   (cd "$deps" && PATH="$root/node_modules/.bin:$PATH" npm sbom --sbom-format cyclonedx --omit dev --package-lock-only >"$work/sbom.raw.json")
-  bash deploy/image/trim.sh "$deps/node_modules"
   echo "$deps_key" >"$deps/.key"
 fi
 
@@ -94,6 +93,7 @@ if [ ! -s "$certs/ca-certificates.crt" ]; then
 fi
 
 # --- the base layer's root filesystem ----------------------------------------------
+say "the base layer's root filesystem"
 base=$work/base
 rm -rf "$base"
 mkdir -p "$base"/{etc/ssl/certs,tmp,usr/local/bin,app}
@@ -113,10 +113,12 @@ printf 'root:x:0:0:root:/root:/sbin/nologin\ntrousseau:x:%s:%s:trousseau:/nonexi
 printf 'root:x:0:\ntrousseau:x:%s:\n' "$gid" >"$base/etc/group"
 
 # --- the app layer -------------------------------------------------------------------
+say "the app layer's files"
 app=$work/app
 rm -rf "$app"
 mkdir -p "$app/app"
 cp -a "$deps/node_modules" "$app/app/node_modules"
+bash deploy/image/trim.sh "$app/app/node_modules"
 cp -a src bin package.json "$app/app/"
 printf '{"version":"%s","commit":"%s","date":"%s"}\n' "$version" "$commit" "$created" >"$app/app/build-info.json"
 
@@ -160,6 +162,7 @@ trap - EXIT
 buildah rmi "localhost/trousseau-base:build" >/dev/null 2>&1 || true
 
 # --- outputs ---------------------------------------------------------------------------
+say "the OCI archive, the SBOM, the layer list"
 archive=$out/trousseau-$version.oci.tar
 rm -f "$archive"
 skopeo copy --quiet "containers-storage:$image" "oci-archive:$archive:$image" >&2
