@@ -42,7 +42,7 @@ check=0
 
 version=$("$node" -p 'require("./package.json").version')
 name=$("$node" deploy/image/podman-args.ts get image)
-source_url=$("$node" -p 'require("./deploy/image/settings.json").source ?? ""')
+source_url=$("$node" deploy/image/podman-args.ts get source)
 image="$name:$version"
 if git rev-parse --git-dir >/dev/null 2>&1; then
   commit=$(git rev-parse HEAD)
@@ -82,8 +82,9 @@ if [ ! -s "$certs/ca-certificates.crt" ]; then
   say "CA roots from Debian's ca-certificates package"
   rm -rf "$certs"
   mkdir -p "$certs/deb"
-  (cd "$certs/deb" && apt-get download ca-certificates >&2) ||
-    die "apt-get download ca-certificates failed (run apt-get update first?)"
+  # apt's lists may be missing or stale on a machine that already had the tools.
+  (cd "$certs/deb" && { apt-get download ca-certificates >&2 || { apt-get update -qq >&2 && apt-get download ca-certificates >&2; }; }) ||
+    die "apt-get download ca-certificates failed (is a Debian package mirror reachable?)"
   dpkg-deb -x "$certs"/deb/ca-certificates_*.deb "$certs/root"
   # What update-ca-certificates would write from the package alone: every Mozilla
   # root, in name order.

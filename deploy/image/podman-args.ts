@@ -31,6 +31,8 @@ const memory = z.string().regex(/^\d+Mi$/, 'a whole number of Mi');
 
 export const imageSettingsSchema = z.strictObject({
   image: z.string().min(1),
+  /** The org.opencontainers.image.source label. */
+  source: z.url(),
   podSecurityContext: z.strictObject({
     runAsNonRoot: z.boolean(),
     runAsUser: z.number().int().min(1),
