@@ -32,13 +32,23 @@ start=$SECONDS
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 say() { echo "build.sh [$((SECONDS - start)) s]: $*" >&2; }
-for tool in buildah skopeo apt-get dpkg-deb ldd strip; do
+for tool in apt-get dpkg-deb ldd strip; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is missing (bash test/servers/install-image-tools.sh installs the image tools)"
 done
+if [ "${1:-}" != --stage-only ]; then
+  for tool in buildah skopeo; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool is missing (bash test/servers/install-image-tools.sh installs the image tools)"
+  done
+fi
 [ -x "$node_bin" ] || die "$node_bin is missing: the image takes Node from the npm node package (npm ci)"
 
-check=0
-[ "${1:-}" != --check ] || check=1
+check=0 stage_only=0
+case ${1:-} in
+  --check) check=1 ;;
+  --stage-only) stage_only=1 ;;
+  '') ;;
+  *) die "usage: build.sh [--check | --stage-only]" ;;
+esac
 
 version=$("$node" -p 'require("./package.json").version')
 name=$("$node" deploy/image/podman-args.ts get image)
@@ -47,7 +57,7 @@ image="$name:$version"
 if git rev-parse --git-dir >/dev/null 2>&1; then
   commit=$(git rev-parse HEAD)
   # Uncommitted changes to what goes into the image make the commit a lie: say so.
-  if [ -n "$(git status --porcelain -- src bin package.json package-lock.json deploy/image)" ]; then commit="$commit-dirty"; fi
+  if [ -n "$(git status --porcelain -- src bin package.json package-lock.json Dockerfile deploy/image/build.sh deploy/image/trim.sh)" ]; then commit="$commit-dirty"; fi
   : "${SOURCE_DATE_EPOCH:=$(git log -1 --format=%ct)}"
 else
   commit=unknown
@@ -55,12 +65,12 @@ else
 fi
 export SOURCE_DATE_EPOCH
 created=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
-mkdir -p "$out" "$work"
+mkdir -p "$out" "$work" "$out/context"
 
 # --- the production dependencies, installed on the host --------------------------
 # Reused while package.json, package-lock.json and Node are unchanged (a warm build).
 deps=$work/deps
-deps_key=$(cat package.json package-lock.json "$node_pkg/package.json" | sha256sum | cut -c1-16)
+deps_key=$( { "$node" -p 'JSON.stringify(require("./package.json").dependencies)'; cat package-lock.json "$node_pkg/package.json" deploy/image/trim.sh; } | sha256sum | cut -c1-16)
 if [ "$(cat "$deps/.key" 2>/dev/null)" != "$deps_key" ]; then
   say "npm ci --omit=dev into a staging folder"
   rm -rf "$deps"
@@ -73,6 +83,7 @@ if [ "$(cat "$deps/.key" 2>/dev/null)" != "$deps_key" ]; then
   # From the lock file: the staging tree lacks the dev dependencies npm sbom would
   # otherwise report as missing.
   (cd "$deps" && PATH="$root/node_modules/.bin:$PATH" npm sbom --sbom-format cyclonedx --omit dev --package-lock-only >"$work/sbom.raw.json")
+  bash deploy/image/trim.sh "$deps/node_modules"
   echo "$deps_key" >"$deps/.key"
 fi
 
@@ -95,7 +106,8 @@ fi
 
 # --- the base layer's root filesystem ----------------------------------------------
 say "the base layer's root filesystem"
-base=$work/base
+context=$out/context
+base=$context/base
 rm -rf "$base"
 mkdir -p "$base"/{etc/ssl/certs,tmp,usr/local/bin,app}
 strip --strip-all -o "$base/usr/local/bin/node" "$node_bin"
@@ -115,11 +127,10 @@ printf 'root:x:0:\ntrousseau:x:%s:\n' "$gid" >"$base/etc/group"
 
 # --- the app layer -------------------------------------------------------------------
 say "the app layer's files"
-app=$work/app
+app=$context/app
 rm -rf "$app"
 mkdir -p "$app/app"
 cp -a "$deps/node_modules" "$app/app/node_modules"
-bash deploy/image/trim.sh "$app/app/node_modules"
 cp -a src bin package.json "$app/app/"
 printf '{"version":"%s","commit":"%s","date":"%s"}\n' "$version" "$commit" "$created" >"$app/app/build-info.json"
 
@@ -132,35 +143,26 @@ for tree in "$base" "$app"; do
 done
 chmod 1777 "$base/tmp"
 
-# --- buildah ---------------------------------------------------------------------------
-say "buildah: base layer"
-ctr=$(buildah from --quiet scratch)
-trap 'buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
-buildah copy --quiet --chown 0:0 "$ctr" "$base" / >/dev/null
-buildah commit --quiet --timestamp "$SOURCE_DATE_EPOCH" --rm "$ctr" "localhost/trousseau-base:build" >/dev/null
-say "buildah: app layer"
-ctr=$(buildah from --quiet --pull=never "localhost/trousseau-base:build")
-buildah copy --quiet --chown 0:0 "$ctr" "$app" / >/dev/null
-buildah config \
-  --user "$uid:$gid" \
-  --workingdir /app \
-  --env PATH=/usr/local/bin:/usr/bin:/bin \
-  --env NODE_ENV=production \
-  --env NODE_OPTIONS=--max-semi-space-size=8 \
-  --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
-  --entrypoint '["node","/app/bin/trousseau.js"]' \
-  --cmd '["serve","--config","/etc/trousseau/config.yaml"]' \
+if [ "$stage_only" = 1 ]; then
+  say "staged $context (docker build -f Dockerfile $context)"
+  exit 0
+fi
+
+# --- buildah bud on the Dockerfile ----------------------------------------------------
+# --layers: one layer per COPY (base, app), so a new commit ships only the app layer;
+# the cached base is reused while its content is the same (--no-cache with --check).
+# --timestamp: the image's created time and every file's time in the layers.
+say "buildah bud"
+cache=()
+[ "$check" = 0 ] || cache=(--no-cache)
+buildah bud --quiet --layers "${cache[@]}" --pull=never --timestamp "$SOURCE_DATE_EPOCH" \
   --label "org.opencontainers.image.title=trousseau" \
   --label "org.opencontainers.image.source=$source_url" \
   --label "org.opencontainers.image.revision=$commit" \
   --label "org.opencontainers.image.version=$version" \
   --label "org.opencontainers.image.created=$created" \
   --label "org.opencontainers.image.licenses=Apache-2.0" \
-  --created-by "deploy/image/build.sh" \
-  "$ctr"
-buildah commit --quiet --timestamp "$SOURCE_DATE_EPOCH" --rm "$ctr" "$image" >/dev/null
-trap - EXIT
-buildah rmi "localhost/trousseau-base:build" >/dev/null 2>&1 || true
+  -f Dockerfile -t "$image" "$context" >/dev/null
 
 # --- outputs ---------------------------------------------------------------------------
 say "the OCI archive, the SBOM, the layer list"
