@@ -170,7 +170,7 @@ imageTest('the image: labels, non-root user, no shell, --version from its build-
   t.regex(labels['org.opencontainers.image.revision'] ?? '', /^[0-9a-f]{40}(-dirty)?$/);
   t.regex(labels['org.opencontainers.image.created'] ?? '', /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/);
   t.truthy(labels['org.opencontainers.image.source']);
-  const common = ['run', '--rm', '--runtime', 'runc', '--network=none', '--ulimit=nofile=1024:1024'];
+  const common = ['run', '--rm', '--runtime', 'runc', '--network=none', '--ulimit=nofile=1024:1024', '--ulimit=nproc=1024:1024'];
   const version = await podman(...common, image, '--version');
   t.is(version.trim(), `trousseau ${pkg.version} (commit ${labels['org.opencontainers.image.revision']}, built ${labels['org.opencontainers.image.created']})`);
   // Distroless: no shell, no package manager.
