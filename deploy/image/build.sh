@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # `npm run image`: builds the Trousseau OCI image with buildah, from scratch: no Docker,
-# no base image pulled. Two layers:
+# no base image pulled. It stages two folders in dist/image/context/, then runs
+# `buildah bud` on the Dockerfile (FROM scratch, one COPY per folder), so the
+# Dockerfile is the recipe's last step and builds the same layout with Docker too
+# (`build.sh --stage-only`, then `docker build -f Dockerfile dist/image/context`).
+# Two layers:
 #   1. base: the Node 24 binary of the npm `node` package this checkout pins, the shared
 #      libraries `ldd` lists for it and for every native addon of the production
 #      dependencies, CA roots from Debian's ca-certificates package (never the host's
@@ -19,7 +23,7 @@
 # deploy/image/settings.json), trousseau-VERSION.oci.tar (an OCI archive), sbom.cdx.json
 # (CycloneDX, production dependencies), layers.txt (layer digests and sizes).
 #
-# Usage: deploy/image/build.sh [--check]      (npm run image [-- --check])
+# Usage: deploy/image/build.sh [--check | --stage-only]      (npm run image [-- --check])
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
