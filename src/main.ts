@@ -14,7 +14,7 @@ import { registerRewrapCommand } from './cli/rewrap.ts';
 import { renderStatus, type StatusDocument } from './cli/status-view.ts';
 import { registerVerifyCommand } from './cli/verify.ts';
 import type * as T from './kms/types.ts';
-import { PLUGIN_VERSION } from './kms/services.ts';
+import { buildInfo, formatVersion } from './build-info.ts';
 import { createLogger, levelForVerbosity, LOG_FORMATS, type LogFormat } from './observability/logger.ts';
 
 const DEFAULT_SOCKET = '/var/run/trousseau/kms.sock';
@@ -32,7 +32,12 @@ async function readStdin(): Promise<Buffer> {
 const program = new Command()
   .name('trousseau')
   .description('Kubernetes KMS plugin that wraps every data key with several key-management backends')
-  .version(PLUGIN_VERSION)
+  // Read only when asked (a checkout's commit costs a `git rev-parse`).
+  .addOption(new Option('-V, --version', 'print the version, commit and build date'))
+  .on('option:version', () => {
+    console.log(formatVersion(buildInfo()));
+    process.exit(0);
+  })
   .showHelpAfterError();
 
 /** `-v N`: klog's verbosity, as the other control-plane components take it. */
@@ -89,7 +94,7 @@ program
       const logger = createLogger(config.log.level, process.stderr, options.logFormat);
       // Exit explicitly: after a failed start or a shutdown a backend SDK may still hold a
       // handle open, and a plugin that stopped serving must not linger as a process.
-      process.exit(await serveUntilSignalled(config, baseDir, logger));
+      process.exit(await serveUntilSignalled(config, baseDir, logger, options.dev ? '--dev' : options.config));
     },
   );
 

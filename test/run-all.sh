@@ -37,11 +37,17 @@ if [ -z "${TROUSSEAU_SKIP_SERVERS:-}" ]; then
   run_step servers bash test/servers/up.sh || failed=$((failed + 1))
 fi
 
+# The container image: podman and buildah (Debian packages), then `npm run image`;
+# test/image/ runs the image, test/deploy/image-settings.test.ts renders the chart
+# with helm. A failure here (no apt-get, no podman) fails the run with the reason.
+image_step() { bash test/servers/install-image-tools.sh && bash test/k8s/install-helm.sh >/dev/null && bash deploy/image/build.sh; }
+if run_step image image_step; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+
 # Test files that load the machine on purpose (floods, bursts) or time real backends
 # against tight timeouts (the chaos scenarios, 400 ms) run after the rest, one file at
 # a time: on 2 cores, a flood test next to a chaos scenario starved the scenario's
 # backend calls past their timeouts. Every other file runs with ava's usual concurrency.
-isolated=(test/chaos/*.test.ts test/reliability/http-flood.test.ts test/reliability/grpc-limits.test.ts test/reliability/overload.test.ts)
+isolated=(test/chaos/*.test.ts test/image/image.test.ts test/reliability/http-flood.test.ts test/reliability/grpc-limits.test.ts test/reliability/overload.test.ts)
 shared=()
 while IFS= read -r file; do
   case " ${isolated[*]} " in *" $file "*) ;; *) shared+=("$file") ;; esac

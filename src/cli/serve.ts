@@ -10,6 +10,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import type { Config } from '../config/schema.ts';
+import { buildInfo } from '../build-info.ts';
 import { TrousseauError } from '../errors.ts';
 import { KmsServer } from '../kms/server.ts';
 import { ObservabilityServer } from '../observability/http.ts';
@@ -128,7 +129,9 @@ const CLOSE_GRACE_MS = 1000;
  * happens, the process is out within the drain deadline (plus a second) of the
  * first signal: past it, the socket is removed and the process exits.
  */
-export async function serveUntilSignalled(config: Config, baseDir: string, logger: Logger): Promise<number> {
+export async function serveUntilSignalled(config: Config, baseDir: string, logger: Logger, configSource = 'unknown'): Promise<number> {
+  // The first line: which build, which configuration, which socket.
+  logger.info({ ...buildInfo(), config: configSource, socket: config.socket.path }, 'starting trousseau');
   // grpc-js writes its own lines (GRPC_VERBOSITY, GRPC_TRACE) to stderr as plain text;
   // through the plugin's logger they are lines of the same format as every other.
   grpc.setLogger(grpcLogSink(logger));

@@ -7,6 +7,7 @@
  * behind the 0600 admin socket (test/security/readyz-metrics-exposure.test.ts checks).
  */
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { buildInfo } from '../build-info.ts';
 
 export type BackendOperation = 'wrap' | 'unwrap' | 'key_version';
 export type BackendOutcome = 'success' | 'rejected' | 'unavailable' | 'timeout' | 'breaker_open' | 'cancelled' | 'invalid_result' | 'shed';
@@ -222,7 +223,17 @@ export class Metrics {
     for (const { stage, backend, source } of this.admissionSources.values()) gauge.set({ stage, backend }, source[field]);
   }
 
+  /** 1, labelled with the running build (the Prometheus convention for build facts). */
+  readonly buildInfo = new Gauge({
+    name: 'trousseau_build_info',
+    help: 'Always 1; the labels name the running build (version and commit).',
+    labelNames: ['version', 'commit'] as const,
+    registers: [this.registry],
+  });
+
   constructor(options: { processMetrics?: boolean } = {}) {
     if (options.processMetrics) collectDefaultMetrics({ register: this.registry, prefix: 'trousseau_' });
+    const build = buildInfo();
+    this.buildInfo.set({ version: build.version, commit: build.commit }, 1);
   }
 }
