@@ -7,9 +7,10 @@ import type { BackendDefinition } from './definition.ts';
 import { awsBackend } from './aws.ts';
 import { azureBackend } from './azure.ts';
 import { localBackend } from './local.ts';
+import { pkcs11Backend } from './pkcs11.ts';
 import { vaultBackend } from './vault.ts';
 
-export const backendDefinitions = [localBackend, vaultBackend, azureBackend, awsBackend] as const;
+export const backendDefinitions = [localBackend, vaultBackend, azureBackend, awsBackend, pkcs11Backend] as const;
 
 export type BackendConfig = z.output<(typeof backendDefinitions)[number]['configSchema']>;
 

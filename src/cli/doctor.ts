@@ -123,6 +123,8 @@ export function referencedFiles(backend: BackendConfig, baseDir: string): Refere
     }
     case 'aws':
       return [];
+    case 'pkcs11':
+      return at('pinFile', backend.pinFile, 'secret');
   }
 }
 
@@ -519,6 +521,8 @@ function credentialFix(backend: BackendConfig): string {
       return 'check the credentials the AWS SDK finds on this node (IRSA, instance profile, environment) and kms:DescribeKey on the key';
     case 'azure':
       return `check the ${backend.credential.method} credential and the get permission on key ${backend.keyName}`;
+    case 'pkcs11':
+      return `check that the token is present, the PIN file, and that key ${backend.key.label} passes policies/pkcs11/`;
   }
 }
 
