@@ -54,7 +54,8 @@ function answer(request: WorkerRequest): WorkerReply {
     case 'wrap': {
       try {
         const { wrapped, keyVersion } = token.wrap(request.dataKey, Buffer.from(request.aad));
-        return { id: request.id, ok: true, wrapped, keyVersion, logins: token.logins };
+        // Its own 60 bytes: Buffer.concat may return a view into the shared pool slab.
+        return { id: request.id, ok: true, wrapped: new Uint8Array(wrapped), keyVersion, logins: token.logins };
       } finally {
         request.dataKey.fill(0);
       }

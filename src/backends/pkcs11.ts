@@ -268,15 +268,16 @@ export class Pkcs11Backend implements KeyBackend {
   }
 
   async wrap(dataKey: Uint8Array, context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
-    // A copy for the thread, zeroed there: the caller's buffer stays the caller's.
-    const reply = await this.call({ op: 'wrap', dataKey: new Uint8Array(dataKey), aad: contextBytes(context) }, signal);
+    // Copies of their own for the thread (the data key is zeroed there): a view into
+    // Node's shared buffer pool would send the whole 8 KiB pool slab with it.
+    const reply = await this.call({ op: 'wrap', dataKey: new Uint8Array(dataKey), aad: new Uint8Array(contextBytes(context)) }, signal);
     return { wrapped: reply.wrapped!, keyVersion: reply.keyVersion! };
   }
 
   async unwrap(wrapped: Uint8Array, keyVersion: string, context: WrapContext, signal: AbortSignal): Promise<Uint8Array> {
     // Checked here too, so a malformed copy costs no message to the thread.
     if (wrapped.length !== WRAPPED_BYTES) throw new TrousseauError('BACKEND_REJECTED', `pkcs11 backend ${this.name}: wrapped key has the wrong length for a pkcs11 copy`);
-    const reply = await this.call({ op: 'unwrap', wrapped: new Uint8Array(wrapped), keyVersion, aad: contextBytes(context) }, signal);
+    const reply = await this.call({ op: 'unwrap', wrapped: new Uint8Array(wrapped), keyVersion, aad: new Uint8Array(contextBytes(context)) }, signal);
     return reply.dataKey!;
   }
 
