@@ -223,6 +223,8 @@ interface ResolvedKey {
   handle: pkcs11js.Handle;
   version: string;
   canEncrypt: boolean;
+  /** Whether a test copy made with this key on this session opened again (see currentKey). */
+  roundTripChecked?: boolean;
 }
 
 /**
@@ -322,10 +324,37 @@ export class TokenConnection {
     }
   }
 
-  /** The key new wraps use. */
+  /**
+   * The key new wraps use. Before its first wrap on a session it makes one test copy
+   * and opens it again: a token that ignores or replaces the caller's IV (some HSMs
+   * in FIPS mode generate GCM IVs themselves) would otherwise hand out copies that
+   * never unwrap. Such a token is refused; nothing is wrapped with it.
+   */
   currentKey(connection: Connection): ResolvedKey {
     const key = this.resolve(connection, this.settings.keys[0]!);
     if (!key.canEncrypt) throw new TokenFailure('rejected', `key ${key.label} cannot encrypt (CKA_ENCRYPT must be true for the current key)`);
+    if (!key.roundTripChecked) {
+      const lib = this.module().lib;
+      const probe = randomBytes(DATA_KEY_BYTES);
+      const iv = randomBytes(IV_BYTES);
+      const aad = Buffer.from('trousseau/pkcs11/round-trip-check');
+      let opened: Buffer | undefined;
+      try {
+        lib.C_EncryptInit(connection.session, gcm(iv, aad), key.handle);
+        const sealed = lib.C_Encrypt(connection.session, probe, Buffer.alloc(DATA_KEY_BYTES + TAG_BYTES));
+        lib.C_DecryptInit(connection.session, gcm(iv, aad), key.handle);
+        opened = lib.C_Decrypt(connection.session, sealed, Buffer.alloc(DATA_KEY_BYTES + TAG_BYTES));
+      } catch (error) {
+        const ckr = ckrOf(error);
+        if (ckr && SESSION_LOST.has(ckr) && ckr !== 'CKR_GENERAL_ERROR') throw error;
+        opened = undefined;
+      }
+      const same = opened !== undefined && opened.equals(probe);
+      probe.fill(0);
+      opened?.fill(0);
+      if (!same) throw new TokenFailure('rejected', `key ${key.label}: an AES-GCM copy made with the plugin's IV does not open again on this token (does it generate GCM IVs itself? see docs/backends/pkcs11.md)`);
+      key.roundTripChecked = true;
+    }
     return key;
   }
 
