@@ -14,9 +14,9 @@
  * and its logged-in session. The caller never waits for the worker beyond its own
  * signal: an aborted call is answered at once and its late result dropped (a data
  * key zeroed). The worker skips calls whose deadline passed while they waited, at
- * most MAX_PENDING calls wait at all, and a token that has not answered for
- * STUCK_MS makes new calls fail at once as unavailable instead of queueing behind
- * it. pkcs11js (the native binding) is loaded only by that worker, so a plugin
+ * most MAX_PENDING calls wait at all, and a token that has calls to answer but
+ * has answered none for STUCK_MS makes new calls fail at once as unavailable
+ * instead of queueing behind it. pkcs11js (the native binding) is loaded only by that worker, so a plugin
  * without a pkcs11 backend never loads it.
  */
 import path from 'node:path';
@@ -88,7 +88,6 @@ export const pkcs11Backend: BackendDefinition<typeof pkcs11ConfigSchema> = {
 interface Pending {
   resolve(reply: Extract<WorkerReply, { ok: true }>): void;
   reject(error: Error): void;
-  sentAt: number;
 }
 
 type Request = DistributiveOmit<WorkerRequest, 'id' | 'backend' | 'deadline'>;
@@ -118,6 +117,8 @@ class ModuleWorker {
   private nextBackend = 1;
   /** Whether the current thread has answered once (started and loaded its code). */
   private started = false;
+  /** When the thread last answered, was started, or was given work while idle. */
+  private lastProgressAt = Date.now();
   private logger: Logger | undefined;
 
   private constructor(modulePath: string) {
@@ -154,10 +155,13 @@ class ModuleWorker {
   call(backend: number, request: Request, timeoutMs: number, signal: AbortSignal, what: string): Promise<Extract<WorkerReply, { ok: true }>> {
     if (signal.aborted) return Promise.reject(signal.reason as Error);
     if (this.pending.size > 0) {
-      const oldest = Math.min(...[...this.pending.values()].map((p) => p.sentAt));
-      if (Date.now() - oldest > STUCK_MS) {
-        return Promise.reject(new TrousseauError('BACKEND_UNAVAILABLE', `${what}: the token has not answered for ${Date.now() - oldest} ms`));
+      // Stuck: busy with calls and no answer for a while (a thread still starting gets longer).
+      const silent = Date.now() - this.lastProgressAt;
+      if (silent > (this.started ? STUCK_MS : STARTUP_ALLOWANCE_MS)) {
+        return Promise.reject(new TrousseauError('BACKEND_UNAVAILABLE', `${what}: the token has not answered for ${silent} ms`));
       }
+    } else {
+      this.lastProgressAt = Date.now(); // an idle thread is not a silent one
     }
     if (this.pending.size >= MAX_PENDING) {
       return Promise.reject(new TrousseauError('OVERLOADED', `${what}: ${MAX_PENDING} calls are waiting for the token already`));
@@ -173,7 +177,6 @@ class ModuleWorker {
       };
       signal.addEventListener('abort', onAbort, { once: true });
       this.pending.set(id, {
-        sentAt: Date.now(),
         resolve: (reply) => {
           signal.removeEventListener('abort', onAbort);
           resolve(reply);
@@ -209,11 +212,13 @@ class ModuleWorker {
     });
     this.worker = worker;
     this.started = false;
+    this.lastProgressAt = Date.now();
     for (const [backend, settings] of this.registered) worker.postMessage({ id: 0, backend, deadline: 0, op: 'register', settings } satisfies WorkerRequest);
     return worker;
   }
 
   private settle(reply: WorkerReply): void {
+    this.lastProgressAt = Date.now();
     if (reply.id === 0) return; // register and release answer nobody
     this.started = true;
     const waiting = this.pending.get(reply.id);
