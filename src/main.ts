@@ -6,6 +6,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { addCheckValues, addKeyToFile, generateKeyFile } from './backends/local.ts';
+import { registerPkcs11KeygenCommand } from './backends/pkcs11-keygen.ts';
 import { parseEnvelope } from './envelope/format.ts';
 import { isTrousseauError } from './errors.ts';
 import { call, clientsFor } from './cli/client.ts';
@@ -164,6 +165,8 @@ program
     const done = options.rotate ? 'rotated to' : options.addChecks ? 'check values written; current' : 'created';
     console.log(`${file}: ${done} key version ${version}`);
   });
+
+registerPkcs11KeygenCommand(program);
 
 program
   .command('schema')

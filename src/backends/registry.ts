@@ -8,9 +8,10 @@ import { awsBackend } from './aws.ts';
 import { azureBackend } from './azure.ts';
 import { kmsPluginBackend } from './kms-plugin.ts';
 import { localBackend } from './local.ts';
+import { pkcs11Backend } from './pkcs11.ts';
 import { vaultBackend } from './vault.ts';
 
-export const backendDefinitions = [localBackend, vaultBackend, azureBackend, awsBackend, kmsPluginBackend] as const;
+export const backendDefinitions = [localBackend, vaultBackend, azureBackend, awsBackend, pkcs11Backend, kmsPluginBackend] as const;
 
 export type BackendConfig = z.output<(typeof backendDefinitions)[number]['configSchema']>;
 

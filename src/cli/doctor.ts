@@ -125,6 +125,8 @@ export function referencedFiles(backend: BackendConfig, baseDir: string): Refere
     case 'aws':
     case 'kms-plugin': // its socket is checked by the backend itself (folder ownership, not a link)
       return [];
+    case 'pkcs11':
+      return at('pinFile', backend.pinFile, 'secret');
   }
 }
 
@@ -530,6 +532,8 @@ function credentialFix(backend: BackendConfig): string {
       return `check the ${backend.credential.method} credential and the get permission on key ${backend.keyName}`;
     case 'kms-plugin':
       return `check that the inner plugin runs, listens on ${backend.socket} and answers Status with healthz "ok"`;
+    case 'pkcs11':
+      return `check that the token is present, the PIN file, and that key ${backend.key.label} passes policies/pkcs11/`;
   }
 }
 

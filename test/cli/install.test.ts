@@ -1,6 +1,7 @@
 /**
  * What `npm ci` must leave behind for everything else to work: the pinned Node 24
- * (the devDependency `node`, whose install script fetches the binary), and an
+ * (the devDependency `node`, whose install script fetches the binary), pkcs11js (a
+ * native N-API binding built by node-gyp at install, for the pkcs11 backend), and an
  * allowScripts list that approves exactly the install scripts the lockfile has, so
  * an npm that blocks unapproved scripts still installs Node 24, and a new dependency
  * with an install script fails here until someone reviews it.
@@ -36,10 +37,10 @@ test('allowScripts approves exactly the packages whose install scripts the lockf
     .filter(([, p]) => p.hasInstallScript)
     .map(([location]) => location.replace(/^.*node_modules\//, ''))
     .sort();
-  t.deepEqual(withScripts, ['node', 'protobufjs'], 'a dependency with an install script was added or removed: review it and update allowScripts');
+  t.deepEqual(withScripts, ['node', 'pkcs11js', 'protobufjs'], 'a dependency with an install script was added or removed: review it and update allowScripts');
   // Name-only entries: the lockfile records no tarball URLs, so npm cannot verify a
   // pinned "name@version" and refuses it; the lockfile pins the versions instead.
-  t.deepEqual(pkg.allowScripts, { node: true, protobufjs: true });
+  t.deepEqual(pkg.allowScripts, { node: true, pkcs11js: true, protobufjs: true });
 });
 
 test('npm run trousseau runs the CLI with the pinned Node', (t) => {
