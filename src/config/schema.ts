@@ -93,11 +93,11 @@ export const configSchema = z
     overload: z
       .object({
         /**
-         * All KMS Encrypt and Decrypt calls together (defaults 32 / 128 / 1000). An
+         * All KMS Encrypt and Decrypt calls together (defaults 32 / 192 / 1000). An
          * Encrypt asks every backend at once: keep kms.maxInFlight at or below
          * backend.maxInFlight, so Encrypts alone never wait for a backend slot.
          */
-        kms: admissionLimits({ maxInFlight: 32, maxQueued: 128, maxWaitMs: 1000 }),
+        kms: admissionLimits({ maxInFlight: 32, maxQueued: 192, maxWaitMs: 1000 }),
         /** Calls to each backend (defaults 32 / 256 / 1000); keep maxInFlight below an SDK's connection pool (AWS: 50). */
         backend: admissionLimits({ maxInFlight: 32, maxQueued: 256, maxWaitMs: 1000 }),
       })

@@ -48,9 +48,19 @@ const ANSWER_RESERVE_MS = 50;
 /** Hold times needed before the p90 is trusted for the deadline check. */
 const MIN_SAMPLES = 16;
 
+/** What `admit` decided: a slot now, a place in the queue, or a refusal. */
+export type Admitted = { kind: 'granted'; slot: Slot } | { kind: 'waiting'; slot: Promise<Slot>; leave: (reason?: unknown) => void } | Refused;
+
+export interface Refused {
+  kind: 'refused';
+  reason: ShedReason;
+  /** `overloaded (<name>): N calls in flight, M waiting; <why>, retry later`. */
+  message: string;
+}
+
 interface Waiter {
   grant: (slot: Slot) => void;
-  refuse: (error: TrousseauError) => void;
+  refuse: (reason: ShedReason) => void;
   /** performance.now() after which the call cannot finish in time. */
   latestStart: number;
 }
@@ -89,48 +99,75 @@ export class Admission {
    * caller left), which also rejects with OVERLOADED: the work never started.
    */
   acquire(signal?: AbortSignal, deadlineAt?: number): Promise<Slot> {
+    if (signal?.aborted) return Promise.reject(this.abandoned(signal.reason));
+    const decision = this.admit(deadlineAt);
+    if (decision.kind === 'granted') return Promise.resolve(decision.slot);
+    if (decision.kind === 'refused') return Promise.reject(new TrousseauError('OVERLOADED', decision.message));
+    if (signal) {
+      const onAbort = () => decision.leave(signal.reason);
+      signal.addEventListener('abort', onAbort, { once: true });
+      void decision.slot.then(
+        () => signal.removeEventListener('abort', onAbort),
+        () => signal.removeEventListener('abort', onAbort),
+      );
+    }
+    return decision.slot;
+  }
+
+  /**
+   * The same decision as `acquire`, answered synchronously and without building an
+   * Error when the call is refused at once: the gRPC layer asks this for every
+   * Encrypt and Decrypt as soon as its headers arrive (kms/admission-gate.ts), and
+   * under a burst most of them are refused, so a refusal must cost next to nothing.
+   * A waiting call's `slot` settles later; `leave()` takes it out of the queue (its
+   * promise then rejects with OVERLOADED).
+   */
+  admit(deadlineAt?: number): Admitted {
     const now = performance.now();
     const answerBy = deadlineAt === undefined ? Infinity : now + (deadlineAt - Date.now()) - ANSWER_RESERVE_MS;
     const latestStart = answerBy - this.expectedHoldMs;
-    if (signal?.aborted) return Promise.reject(this.abandoned(signal));
-    if (answerBy <= now) return Promise.reject(this.refuse('deadline'));
+    if (answerBy <= now) return this.refusal('deadline');
     // A free slot is always taken (unless the caller is as good as gone): were calls
     // refused on the estimate alone while nothing runs, no call would ever finish to
     // bring a stale estimate down again.
-    if (this.running < this.limits.maxInFlight && this.queue.length === 0) return Promise.resolve(this.grant());
-    if (latestStart <= now) return Promise.reject(this.refuse('deadline'));
-    if (this.queue.length >= this.limits.maxQueued) return Promise.reject(this.refuse('queue_full'));
+    if (this.running < this.limits.maxInFlight && this.queue.length === 0) return { kind: 'granted', slot: this.grant() };
+    if (latestStart <= now) return this.refusal('deadline');
+    if (this.queue.length >= this.limits.maxQueued) return this.refusal('queue_full');
     // The wait the calls ahead imply: each round of maxInFlight calls holds its slots about expectedHoldMs.
     const expectedWait = Math.ceil((this.queue.length + 1) / this.limits.maxInFlight) * this.expectedHoldMs;
-    if (now + expectedWait > latestStart) return Promise.reject(this.refuse('deadline'));
-    return this.enqueue(now, latestStart, signal);
+    if (now + expectedWait > latestStart) return this.refusal('deadline');
+    return this.enqueue(now, latestStart);
   }
 
-  private enqueue(now: number, latestStart: number, signal: AbortSignal | undefined): Promise<Slot> {
-    return new Promise<Slot>((resolve, reject) => {
+  private enqueue(now: number, latestStart: number): Admitted {
+    let leave: (reason?: unknown) => void = () => undefined;
+    const slot = new Promise<Slot>((resolve, reject) => {
       const giveUpAt = Math.min(latestStart, now + this.limits.maxWaitMs);
-      const leave = () => {
+      const out = () => {
         clearTimeout(timer);
-        signal?.removeEventListener('abort', onAbort);
         const index = this.queue.indexOf(waiter);
         if (index >= 0) this.queue.splice(index, 1);
       };
       const waiter: Waiter = {
         latestStart,
-        grant: (slot) => {
-          leave();
-          resolve(slot);
+        grant: (granted) => {
+          out();
+          resolve(granted);
         },
-        refuse: (error) => {
-          leave();
-          reject(error);
+        refuse: (reason) => {
+          out();
+          reject(new TrousseauError('OVERLOADED', this.refusal(reason).message));
         },
       };
-      const timer = setTimeout(() => waiter.refuse(this.refuse(giveUpAt === latestStart ? 'deadline' : 'wait_timeout')), giveUpAt - now);
-      const onAbort = () => waiter.refuse(this.abandoned(signal!));
-      signal?.addEventListener('abort', onAbort, { once: true });
+      const timer = setTimeout(() => waiter.refuse(giveUpAt === latestStart ? 'deadline' : 'wait_timeout'), giveUpAt - now);
+      leave = (reason) => {
+        if (this.queue.indexOf(waiter) < 0) return;
+        out();
+        reject(this.abandoned(reason));
+      };
       this.queue.push(waiter);
     });
+    return { kind: 'waiting', slot, leave };
   }
 
   private grant(): Slot {
@@ -152,12 +189,13 @@ export class Admission {
   private next(): void {
     while (this.running < this.limits.maxInFlight && this.queue.length > 0) {
       const waiter = this.queue[0]!;
-      if (performance.now() > waiter.latestStart) waiter.refuse(this.refuse('deadline'));
+      if (performance.now() > waiter.latestStart) waiter.refuse('deadline');
       else waiter.grant(this.grant());
     }
   }
 
-  private refuse(reason: ShedReason): TrousseauError {
+  /** A refusal, counted, with the message the caller gets; no Error is built here. */
+  private refusal(reason: ShedReason): Refused {
     this.observer?.shed(reason);
     const load = `${this.running} calls in flight, ${this.queue.length} waiting`;
     const why =
@@ -166,10 +204,10 @@ export class Admission {
         : reason === 'deadline'
           ? 'the call could not finish before its deadline'
           : `no slot within ${this.limits.maxWaitMs} ms`;
-    return new TrousseauError('OVERLOADED', `overloaded (${this.name}): ${load}; ${why}, retry later`);
+    return { kind: 'refused', reason, message: `overloaded (${this.name}): ${load}; ${why}, retry later` };
   }
 
-  private abandoned(signal: AbortSignal): TrousseauError {
-    return new TrousseauError('OVERLOADED', `call left the ${this.name} wait queue before it started`, { cause: signal.reason });
+  private abandoned(reason: unknown): TrousseauError {
+    return new TrousseauError('OVERLOADED', `call left the ${this.name} wait queue before it started`, { cause: reason });
   }
 }

@@ -16,6 +16,9 @@ import http2 from 'node:http2';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { PatientTimer } from '../engine/abort.ts';
+import type { Metrics } from '../observability/metrics.ts';
+import { methodLabels } from './method-labels.ts';
+import { grpcCodeName } from './grpc-status.ts';
 
 export interface ReceiveLimits {
   /** Time a request has to arrive in full, from its headers to its half-close. */
@@ -27,7 +30,7 @@ export interface ReceiveLimits {
 /** How often a refusal is logged at most, so a flood does not flood the log too. */
 const LOG_EVERY_MS = 10_000;
 
-export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.ServerInterceptor {
+export function receiveGuard(limits: ReceiveLimits, metrics: Metrics, logger: Logger): grpc.ServerInterceptor {
   let receiving = 0;
   let lastLogged = 0;
   let refusedSinceLog = 0;
@@ -40,7 +43,7 @@ export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.Server
     refusedSinceLog = 0;
   };
 
-  return (_method, call) => {
+  return (descriptor, call) => {
     let timer: PatientTimer | undefined;
     let countLater: NodeJS.Immediate | undefined;
     let counted = false;
@@ -54,6 +57,8 @@ export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.Server
     };
     const end = (code: grpc.status, details: string) => {
       settle();
+      // Counted like any answer: the handler, which counts the others, never runs for this call.
+      metrics.kmsRequests.inc({ ...methodLabels(descriptor.path), code: grpcCodeName(code) });
       call.sendStatus({ code, details });
       // The response is complete; reset the stream so the client stops sending and
       // grpc-js lets go of what it buffered (RFC 9113 8.1 allows exactly this).
@@ -104,16 +109,26 @@ export function receiveGuard(limits: ReceiveLimits, logger: Logger): grpc.Server
 }
 
 /**
- * Reset the HTTP/2 stream under `call`. grpc-js gives interceptors no handle on it,
- * so this reaches for the innermost call's `stream` field; if a grpc-js upgrade
- * renames it, the status is still sent and the stream lives until the client or the
- * connection limits end it (test/reliability/grpc-limits.test.ts measures the memory).
+ * Reset the HTTP/2 stream under `call` right after its status was sent, in the same
+ * turn of the event loop. A call answered before its request arrived in full (refused
+ * by this guard or by admission control, kms/admission-gate.ts) must not stay open on
+ * the server: grpc-go, given the answer while the rest of its request still waits for
+ * flow-control window, drops that rest without a reset, so the stream would stay
+ * half-open here forever, counted against the connection's stream bound; the client,
+ * which counts it closed, then opens one stream too many and nghttp2 ends the whole
+ * connection (GOAWAY PROTOCOL_ERROR "request HEADERS: max concurrent streams
+ * exceeded"). Reset one loop turn later was not soon enough under a burst
+ * (docs/design/overload.md). The response itself was already handed to nghttp2, which
+ * sends it before the reset (RFC 9113 8.1 allows exactly this).
+ *
+ * grpc-js gives interceptors no handle on the stream, so this follows the calls'
+ * `nextCall` fields to the innermost call and takes its `stream` field; if a grpc-js
+ * upgrade renames them, the status is still sent and the stream lives until the client
+ * or the connection limits end it (test/reliability/grpc-limits.test.ts measures the memory).
  */
-function resetStream(call: grpc.ServerInterceptingCallInterface): void {
-  const stream = (call as unknown as { stream?: ServerHttp2Stream }).stream;
-  if (stream && typeof stream.close === 'function' && !stream.destroyed) {
-    setImmediate(() => {
-      if (!stream.destroyed) stream.close(http2.constants.NGHTTP2_NO_ERROR);
-    });
-  }
+export function resetStream(call: grpc.ServerInterceptingCallInterface): void {
+  let inner = call as unknown as { nextCall?: unknown; stream?: ServerHttp2Stream };
+  for (let depth = 0; inner.nextCall && depth < 8; depth++) inner = inner.nextCall;
+  const stream = inner.stream;
+  if (stream && typeof stream.close === 'function' && !stream.destroyed && !stream.closed) stream.close(http2.constants.NGHTTP2_NO_ERROR);
 }

@@ -4,6 +4,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import type { Metrics } from '../observability/metrics.ts';
+import { admissionGate } from './admission-gate.ts';
 import { receiveGuard } from './call-limits.ts';
 import type { KmsCore } from './core.ts';
 import { AdminService, V1Service, V2Service } from './proto.ts';
@@ -32,7 +33,7 @@ export interface ConnectionLimits {
 
 /**
  * 256 streams per connection (docs/design/overload.md):
- * - above what admission control lets wait (32 in flight + 128 queued by default): the
+ * - above what admission control lets wait (32 in flight + 192 queued by default): the
  *   apiserver sends a burst over its one connection, and a call beyond the stream
  *   bound waits in the client, on its deadline clock, where the plugin can neither
  *   serve nor refuse it; above admission's bound the plugin sees the excess and
@@ -96,7 +97,9 @@ export class KmsServer {
       'grpc.max_connection_age_grace_ms': MAX_CONNECTION_AGE_GRACE_MS,
       'grpc-node.max_session_memory': MAX_SESSION_MEMORY_MB,
       // The receive guard must stay first: it resets the stream of the innermost call.
-      interceptors: [receiveGuard(RECEIVE_LIMITS, logger)],
+      // grpc-js runs the last interceptor first: admission control decides before the
+      // guard or anything else spends a thing on a call it refuses.
+      interceptors: [receiveGuard(RECEIVE_LIMITS, metrics, logger), ...(core.admission ? [admissionGate(core.admission, metrics, logger)] : [])],
     });
     this.context = { core, metrics, logger, inFlight: new Set() };
     this.server.addService(V2Service.service, v2Handlers(this.context));

@@ -5,7 +5,6 @@
  */
 import type * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import type { Slot } from '../engine/admission.ts';
 import { TrousseauError, errorCodeOf } from '../errors.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import type { KmsCore } from './core.ts';
@@ -26,11 +25,8 @@ interface HandlerContext {
   inFlight: Set<Promise<unknown>>;
 }
 
-/**
- * An AbortSignal that fires when the client cancels or the call's deadline passes, and
- * the deadline itself (Date.now() time; undefined without one).
- */
-function callSignal(call: grpc.ServerUnaryCall<unknown, unknown>): { signal: AbortSignal; deadlineAt: number | undefined; dispose: () => void } {
+/** An AbortSignal that fires when the client cancels or the call's deadline passes. */
+function callSignal(call: grpc.ServerUnaryCall<unknown, unknown>): { signal: AbortSignal; dispose: () => void } {
   const controller = new AbortController();
   const onCancel = () => controller.abort(new Error('client cancelled'));
   call.on('cancelled', onCancel);
@@ -43,7 +39,6 @@ function callSignal(call: grpc.ServerUnaryCall<unknown, unknown>): { signal: Abo
   }
   return {
     signal: controller.signal,
-    deadlineAt: hasDeadline ? deadlineMs : undefined,
     dispose: () => {
       clearTimeout(timer);
       call.removeListener('cancelled', onCancel);
@@ -61,28 +56,22 @@ function overloadWarningDue(ctx: HandlerContext): boolean {
   return true;
 }
 
-/** Encrypt and Decrypt wait for an admission slot; Status, Version and admin calls never do. */
-type Admit = 'admit' | 'always';
-
 function unary<Req, Res>(
   ctx: HandlerContext,
   api: Api,
   method: string,
   body: (request: Req, signal: AbortSignal, uid: string | undefined) => Promise<Res> | Res,
-  admit: Admit = 'always',
 ): grpc.handleUnaryCall<Req, Res> {
   return (call, callback) => {
     const started = performance.now();
-    const { signal, deadlineAt, dispose } = callSignal(call);
+    const { signal, dispose } = callSignal(call);
     const request = call.request as Req | typeof MALFORMED_REQUEST;
     const uid = request === MALFORMED_REQUEST ? undefined : safeUid((request as { uid?: string }).uid);
+    // Encrypt and Decrypt reach this point only with an admission slot, taken at the
+    // start of the call (kms/admission-gate.ts): the engine's clocks start after the wait.
     const work = (async () => {
-      let slot: Slot | undefined;
       try {
         if (request === MALFORMED_REQUEST) throw new TrousseauError('INVALID_INPUT', `request is not a valid ${method} message`);
-        // Queued time is the caller's, not a backend's: the engine's deadlines and every
-        // backend clock start after this. A call that cannot make its deadline is refused here.
-        if (admit === 'admit' && ctx.core.admission) slot = await ctx.core.admission.acquire(signal, deadlineAt);
         const response = await body(request, signal, uid);
         ctx.metrics.kmsRequests.inc({ api, method, code: 'OK' });
         ctx.logger.debug({ api, method, uid, ms: Math.round(performance.now() - started) }, 'kms call');
@@ -98,7 +87,6 @@ function unary<Req, Res>(
         if (errorCodeOf(error) === 'INTERNAL') ctx.logger.error({ err: error }, 'internal error');
         callback(grpcError, null);
       } finally {
-        slot?.release();
         dispose();
         ctx.metrics.kmsLatency.observe({ api, method }, (performance.now() - started) / 1000);
       }
@@ -124,13 +112,13 @@ export function v2Handlers(ctx: HandlerContext): grpc.UntypedServiceImplementati
       const plaintext = checkPlaintext(request.plaintext);
       const result = await ctx.core.encrypt(plaintext, 'v2', signal, uid);
       return { ciphertext: result.ciphertext, key_id: result.keyId, annotations: toRecord(result.annotations) };
-    }, 'admit'),
+    }),
     Decrypt: unary<T.V2DecryptRequest, T.V2DecryptResponse>(ctx, 'v2', 'Decrypt', async (request, signal, uid) => {
       const ciphertext = checkCiphertext(request.ciphertext);
       checkKeyId(request.key_id);
       const annotations = checkAnnotations(request.annotations);
       return { plaintext: await ctx.core.decrypt(ciphertext, annotations, signal, uid) };
-    }, 'admit'),
+    }),
   };
 }
 
@@ -145,11 +133,11 @@ export function v1Handlers(ctx: HandlerContext): grpc.UntypedServiceImplementati
       checkV1Version(request.version);
       const plaintext = checkPlaintext(request.plain);
       return { cipher: (await ctx.core.encrypt(plaintext, 'v1', signal)).ciphertext };
-    }, 'admit'),
+    }),
     Decrypt: unary<T.V1DecryptRequest, T.V1DecryptResponse>(ctx, 'v1beta1', 'Decrypt', async (request, signal) => {
       checkV1Version(request.version);
       return { plain: await ctx.core.decrypt(checkCiphertext(request.cipher), new Map(), signal) };
-    }, 'admit'),
+    }),
   };
 }
 

@@ -23,6 +23,8 @@ export interface Rig {
   metrics: Metrics;
   backends: PooledBackend[];
   clients: ReturnType<typeof clientsFor>;
+  /** The plugin's socket, for raw HTTP/2 clients. */
+  socketPath: string;
   status(): Promise<T.V2StatusResponse>;
   /** Admin status: key_id, partial, breakers. */
   admin(): Promise<{ keyId: string; partial: boolean; missing: string[]; backends: { name: string; breaker: string; probeOk?: boolean }[] }>;
@@ -72,6 +74,7 @@ export async function startRig(
     metrics,
     backends,
     clients,
+    socketPath,
     status: () => call<object, T.V2StatusResponse>(clients.v2, 'Status', {}),
     admin: async () => JSON.parse((await call<object, T.AdminStatusResponse>(clients.admin, 'Status', {})).status_json) as Awaited<ReturnType<Rig['admin']>>,
     async counter(name, labels = {}) {

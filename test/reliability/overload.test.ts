@@ -8,6 +8,8 @@
  * connection pool with FIFO queueing inside the backend, as an SDK's HTTP agent has.
  * Only the default overload settings are used.
  */
+import http2 from 'node:http2';
+import net from 'node:net';
 import test from 'ava';
 import { status } from '@grpc/grpc-js';
 import { call } from '../../src/cli/client.ts';
@@ -62,7 +64,7 @@ test.serial('600 concurrent v1 Encrypts beyond the backends\' connection pools: 
 
 // The Encrypt deadline at its maximum (2.9 s): a loaded machine may take a while to send the burst.
 // The bursts come over one connection; its stream bound is set explicitly above
-// admission's 32 + 128 (the default, 256, is too), so that they reach the admission
+// admission's 32 + 192 (the default, 256, is too), so that they reach the admission
 // queue these tests are about whatever the default becomes.
 const PATIENT = { encrypt: { deadlineMs: 2900 }, connections: { maxConcurrentStreams: 1024 } };
 
@@ -70,7 +72,7 @@ test.serial('a burst beyond the admission bound is refused at once, explicitly, 
   const rig = await startRig(t, { connections: 10_000, serviceMs: 0, config: PATIENT });
   const keyIdBefore = (await rig.status()).key_id;
   for (const b of rig.backends) b.gate(); // nothing admitted can finish until the gate opens
-  const total = 240;
+  const total = 304;
   let refused = 0;
   const calls = Array.from({ length: total }, (_, i) =>
     outcome(v2Encrypt(rig, i, 5000)).then((o) => {
@@ -78,7 +80,7 @@ test.serial('a burst beyond the admission bound is refused at once, explicitly, 
       return o;
     }),
   );
-  // 32 in flight + 128 waiting by default: the other 80 are refused while every
+  // 32 in flight + 192 waiting by default: the other 80 are refused while every
   // admitted call is still held at the backends, i.e. without waiting for any work.
   await eventually(() => (refused >= 80 ? true : undefined), 10_000).catch(() => t.fail(`only ${refused} of ${total} calls were refused while the backends were held`));
   for (const b of rig.backends) t.true(b.peakInside <= 32, `backend ${b.name} had ${b.peakInside} calls at once (bound 32)`);
@@ -130,7 +132,9 @@ test.serial('a wrap that waited for a slot inside the plugin is not abandoned as
   rig.backends.find((b) => b.name === 'c')!.serviceMs = 100;
   const keyIdBefore = (await rig.status()).key_id;
   const envelopes: T.V2EncryptResponse[] = [];
-  const responses = await Promise.all(Array.from({ length: 200 }, (_, i) => outcome(v2Encrypt(rig, i).then((r) => (envelopes.push(r), r)))));
+  // A generous client deadline: this test is about the backends' clocks, and the
+  // client shares the machine (and here the process) with the plugin.
+  const responses = await Promise.all(Array.from({ length: 200 }, (_, i) => outcome(v2Encrypt(rig, i, 10_000).then((r) => (envelopes.push(r), r)))));
   const unexpected = responses.filter((o) => o.code !== status.OK && !isRefusal(o));
   t.deepEqual(unexpected.slice(0, 3), [], `${unexpected.length} calls failed with something other than an overload refusal`);
   t.true(envelopes.length > 0);
@@ -138,4 +142,123 @@ test.serial('a wrap that waited for a slot inside the plugin is not abandoned as
   t.is(short.length, 0, `${short.length} of ${envelopes.length} envelopes lack a copy`);
   t.true(envelopes.every((e) => e.key_id === keyIdBefore), 'an Encrypt answered with another key_id');
   await assertUnharmed(t, rig, keyIdBefore);
+});
+
+/**
+ * A raw HTTP/2 call to the plugin's socket: headers, then `body` (a gRPC frame, whole or
+ * not), the request left open unless `end`. It settles when the stream closes: a
+ * request left open closes only if the server ends it (answers and resets it).
+ */
+interface RawAnswer {
+  grpcStatus: number | undefined;
+  message: string;
+  /** The HTTP/2 reset code the stream closed with. */
+  rstCode: number;
+}
+
+function rawCall(session: http2.ClientHttp2Session, path: string, body: Buffer, end: boolean): Promise<RawAnswer> {
+  return new Promise((resolve) => {
+    const stream = session.request({ ':method': 'POST', ':path': path, 'content-type': 'application/grpc', te: 'trailers', 'grpc-timeout': '20S' }, { endStream: false });
+    let headers: http2.IncomingHttpHeaders = {};
+    const collect = (more: http2.IncomingHttpHeaders) => {
+      headers = { ...headers, ...more };
+    };
+    stream.on('response', collect);
+    stream.on('trailers', collect);
+    stream.on('error', () => undefined);
+    stream.resume();
+    stream.on('close', () =>
+      resolve({
+        grpcStatus: headers['grpc-status'] === undefined ? undefined : Number(headers['grpc-status']),
+        message: decodeURIComponent(String(headers['grpc-message'] ?? '')),
+        rstCode: stream.rstCode ?? 0,
+      }),
+    );
+    if (end) stream.end(body);
+    else stream.write(body);
+  });
+}
+
+/** A gRPC length-prefixed frame announcing `length` bytes, carrying `payload`. */
+function grpcFrame(length: number, payload: Buffer): Buffer {
+  const header = Buffer.alloc(5);
+  header.writeUInt32BE(length, 1);
+  return Buffer.concat([header, payload]);
+}
+
+function rawSession(rig: Rig): http2.ClientHttp2Session {
+  const socketPath = rig.socketPath;
+  return http2.connect('http://localhost', { createConnection: () => net.connect(socketPath) });
+}
+
+/** One KMS slot, no queue, and that slot held at the backends: every further Encrypt is refused at once. */
+const ONE_SLOT = { overload: { kms: { maxInFlight: 1, maxQueued: 0 } } };
+
+test.serial('under overload a call is refused from its headers alone: its request is never read or decoded, and the refusal is counted', async (t) => {
+  const rig = await startRig(t, { connections: 10_000, serviceMs: 0, config: ONE_SLOT });
+  for (const b of rig.backends) b.gate();
+  const holder = outcome(v2Encrypt(rig, 0, 20_000));
+  await eventually(() => (rig.backends.every((b) => b.arrived.wrap >= 1) ? true : undefined), 20_000);
+  const session = rawSession(rig);
+  t.teardown(() => session.destroy());
+  // Not a valid protobuf message: decoded, it would be INVALID_ARGUMENT.
+  const garbage = grpcFrame(8, Buffer.from([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]));
+  const answers = await Promise.all(Array.from({ length: 50 }, () => rawCall(session, '/v2.KeyManagementService/Encrypt', garbage, true)));
+  const notRefused = answers.filter((a) => a.grpcStatus !== status.UNAVAILABLE || !a.message.startsWith('overloaded (kms): '));
+  t.deepEqual(notRefused.slice(0, 3), [], `${notRefused.length} of 50 calls were not refused "overloaded (kms)" before their request was decoded`);
+  t.is(await rig.counter('trousseau_kms_requests_total', { method: 'Encrypt', code: 'INVALID_ARGUMENT' }), 0, 'a refused request was decoded');
+  t.true((await rig.counter('trousseau_kms_requests_total', { method: 'Encrypt', code: 'UNAVAILABLE' })) >= 50, 'the refusals are missing from the request metrics');
+  for (const b of rig.backends) b.open();
+  // (The holder itself may have reached the engine's deadline on a slow machine: not what is tested here.)
+  await holder;
+});
+
+test.serial('a call refused before its request arrived in full is closed by the server at once: a connection never fills up with half-open streams', async (t) => {
+  // grpc-go, answered while the rest of its request waits for flow-control window,
+  // drops that rest without a reset: unless the server closes such a stream itself,
+  // it stays open and counts against the connection's stream bound (256 by default)
+  // until the connection dies. 600 of them on one connection: each must be answered
+  // "overloaded" and closed by the server, none left to block the next.
+  const rig = await startRig(t, { connections: 10_000, serviceMs: 0, config: ONE_SLOT });
+  for (const b of rig.backends) b.gate();
+  const holder = outcome(v2Encrypt(rig, 0, 60_000));
+  await eventually(() => (rig.backends.every((b) => b.arrived.wrap >= 1) ? true : undefined), 20_000);
+  const session = rawSession(rig);
+  t.teardown(() => session.destroy());
+  // The frame announces 1,000 bytes and carries 10: the request never completes.
+  const partial = grpcFrame(1000, Buffer.alloc(10, 0x61));
+  const answers = await Promise.race([
+    Promise.all(Array.from({ length: 600 }, () => rawCall(session, '/v2.KeyManagementService/Encrypt', partial, false))),
+    new Promise<undefined>((resolve) => setTimeout(resolve, 40_000, undefined)),
+  ]);
+  if (!answers) return t.fail('streams refused before their request arrived stayed open: the connection ran out of streams');
+  // Every one was answered and closed by the server (the race above would not have
+  // settled otherwise). Most were refused by admission control; two other answers are
+  // also the server closing the stream: Node's HTTP/2 layer refusing a stream itself
+  // (ENHANCE_YOUR_CALM) when the client opens one the moment the server closed another
+  // whose close event has not run yet; and, once the holder's Encrypt reaches the
+  // engine's deadline on a slow machine and frees the slot, a call admitted there and
+  // ended by the receive guard 2 s later (its request never completes).
+  const refusedByGate = (a: RawAnswer) => a.grpcStatus === status.UNAVAILABLE && a.message.startsWith('overloaded (kms): ');
+  const closedOtherwise = (a: RawAnswer) =>
+    (a.grpcStatus === undefined && a.rstCode === http2.constants.NGHTTP2_ENHANCE_YOUR_CALM) ||
+    (a.grpcStatus === status.DEADLINE_EXCEEDED && a.message.startsWith('request not received in full'));
+  const unexpected = answers.filter((a) => !refusedByGate(a) && !closedOtherwise(a));
+  t.deepEqual(unexpected.slice(0, 3), [], `${unexpected.length} of 600 half-sent calls got another answer`);
+  const refused = answers.filter(refusedByGate).length;
+  t.true(refused >= 500, `only ${refused} of 600 half-sent calls were refused "overloaded (kms)" at once`);
+  t.false(session.destroyed || session.closed, 'the server closed the connection');
+  for (const b of rig.backends) b.open();
+  // (The holder itself may have reached the engine's deadline on a slow machine: not what is tested here.)
+  await holder;
+});
+
+test.serial('a request the receive guard ends (not received in full in time) is counted in the request metrics', async (t) => {
+  const rig = await startRig(t, { connections: 10_000, serviceMs: 0 });
+  const session = rawSession(rig);
+  t.teardown(() => session.destroy());
+  // Admission control lets it in; the rest of its body never comes, so the guard ends it after 2 s.
+  const answer = await rawCall(session, '/v2.KeyManagementService/Decrypt', grpcFrame(1000, Buffer.alloc(10, 0x61)), false);
+  t.is(answer.grpcStatus, status.DEADLINE_EXCEEDED, `answered ${answer.grpcStatus} ${answer.message}`);
+  t.is(await rig.counter('trousseau_kms_requests_total', { api: 'v2', method: 'Decrypt', code: 'DEADLINE_EXCEEDED' }), 1, 'the receive guard\'s answer is not counted');
 });

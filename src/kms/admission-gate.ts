@@ -1,0 +1,111 @@
+/**
+ * Admission control for KMS Encrypt and Decrypt at the start of each gRPC call, as a
+ * server interceptor: the decision is made from the call's headers alone, before its
+ * request is read or decoded and before any handler runs.
+ *
+ * Under a burst most calls are refused, and a refusal must cost as little as possible:
+ * every microsecond spent refusing is taken from the admitted work, and the client
+ * (kube-apiserver: one connection, a bounded number of streams) sends its next call
+ * only when a stream frees. A call refused here costs grpc-js's own bookkeeping and a
+ * trailers-only answer (`UNAVAILABLE` "overloaded (kms): ..."); nothing of ours but a
+ * few comparisons and a counter (docs/design/overload.md has the measurements).
+ *
+ * An admitted call holds its slot until its status is sent or it is cancelled. A call
+ * that must wait reads its request meanwhile, but its handler starts only once it has
+ * a slot, so the engine's clocks (and every backend's) start after the wait.
+ */
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import type { Admission, Slot } from '../engine/admission.ts';
+import type { Metrics } from '../observability/metrics.ts';
+import { resetStream } from './call-limits.ts';
+import { methodLabels, type Api } from './method-labels.ts';
+
+/** The calls that do work: every other call (Status, Version, the admin API) never waits. */
+const GATED = new Set(['/v2.KeyManagementService/Encrypt', '/v2.KeyManagementService/Decrypt', '/v1beta1.KeyManagementService/Encrypt', '/v1beta1.KeyManagementService/Decrypt']);
+
+const LOG_EVERY_MS = 10_000;
+
+/** Date.now() time of the call's deadline, from its grpc-timeout header; undefined without one. */
+function deadlineOf(call: grpc.ServerInterceptingCallInterface): number | undefined {
+  const deadline = call.getDeadline();
+  const ms = deadline instanceof Date ? deadline.getTime() : Number(deadline);
+  return Number.isFinite(ms) && ms > 0 ? ms : undefined;
+}
+
+export function admissionGate(admission: Admission, metrics: Metrics, logger: Logger): grpc.ServerInterceptor {
+  let lastLogged = 0;
+  let refusedSinceLog = 0;
+  const refuse = (call: grpc.ServerInterceptingCallInterface, labels: { api: Api; method: string }, message: string) => {
+    metrics.kmsRequests.inc({ ...labels, code: 'UNAVAILABLE' });
+    refusedSinceLog += 1;
+    const now = Date.now();
+    // Refusals under overload come by the thousand: one line per interval.
+    if (now - lastLogged >= LOG_EVERY_MS) {
+      logger.warn({ refused: refusedSinceLog, inFlight: admission.inFlight, queued: admission.queued }, 'overloaded: refusing KMS calls');
+      lastLogged = now;
+      refusedSinceLog = 0;
+    }
+    call.sendStatus({ code: grpc.status.UNAVAILABLE, details: message });
+    // Refused before its request was read: close the stream now (see resetStream).
+    resetStream(call);
+  };
+
+  return (descriptor, call) => {
+    if (!GATED.has(descriptor.path)) return new grpc.ServerInterceptingCall(call);
+    const labels = methodLabels(descriptor.path);
+    let slot: Slot | undefined;
+    let over = false;
+    let leaveQueue: (() => void) | undefined;
+    const finish = () => {
+      over = true;
+      slot?.release();
+      slot = undefined;
+      leaveQueue?.();
+      leaveQueue = undefined;
+    };
+    return new grpc.ServerInterceptingCall(call, {
+      start(next) {
+        const decision = admission.admit(deadlineOf(call));
+        if (decision.kind === 'refused') {
+          // The inner call is never started: its request is not even read.
+          refuse(call, labels, decision.message);
+          return;
+        }
+        if (decision.kind === 'granted') slot = decision.slot;
+        let halfClose: (() => void) | undefined;
+        next({
+          onReceiveHalfClose(nextHalfClose) {
+            // The handler runs at half-close: not before this call has its slot.
+            if (slot) nextHalfClose();
+            else halfClose = nextHalfClose;
+          },
+          onCancel() {
+            finish();
+          },
+        });
+        if (decision.kind === 'waiting') {
+          leaveQueue = () => decision.leave(new Error('the call ended while it waited'));
+          decision.slot.then(
+            (granted) => {
+              leaveQueue = undefined;
+              if (over) return granted.release();
+              slot = granted;
+              halfClose?.();
+            },
+            (error: unknown) => {
+              leaveQueue = undefined;
+              if (over) return;
+              finish();
+              refuse(call, labels, error instanceof Error ? error.message : 'overloaded (kms), retry later');
+            },
+          );
+        }
+      },
+      sendStatus(status, nextStatus) {
+        finish();
+        nextStatus(status);
+      },
+    });
+  };
+}
