@@ -16,7 +16,8 @@ import { chmod, chown, mkdir, symlink, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
-import { VaultBackend, vaultConfigSchema } from '../../src/backends/vault.ts';
+import pino from 'pino';
+import { vaultBackend, vaultConfigSchema } from '../../src/backends/vault.ts';
 import { errorCodeOf } from '../../src/errors.ts';
 import { asNobody, NOBODY } from '../helpers/local-keys.ts';
 import { tempDir } from '../helpers/plugin-harness.ts';
@@ -39,7 +40,7 @@ async function tokenRecorder(t: ExecutionContext): Promise<{ address: string; to
 /** One wrap through a Vault backend whose token file is `tokenFile`; returns the error code. */
 async function wrapWithTokenFile(address: string, tokenFile: string): Promise<string> {
   const config = vaultConfigSchema.parse({ name: 'vault-a', type: 'vault', address, keyName: 'k', auth: { method: 'token', tokenFile } });
-  const backend = new VaultBackend(config, { baseDir: path.dirname(tokenFile) });
+  const backend = await vaultBackend.create(config, { baseDir: path.dirname(tokenFile), logger: pino({ level: 'silent' }) });
   try {
     await backend.wrap(randomBytes(32), { envelopeId: randomBytes(16), backendName: 'vault-a' }, AbortSignal.timeout(5000));
     return 'OK';
