@@ -42,9 +42,14 @@ export class E2eRun {
 
   static async create(name: string): Promise<E2eRun> {
     const run = new E2eRun(name);
-    run.credentials = await makeCredentials(run.workDir);
-    run.etcd = await Etcd.start(run.etcdBin, run.workDir);
-    run.pluginConfig = await preparePluginConfig(path.join(run.workDir, 'plugin'));
+    try {
+      run.credentials = await makeCredentials(run.workDir);
+      run.etcd = await Etcd.start(run.etcdBin, run.workDir);
+      run.pluginConfig = await preparePluginConfig(path.join(run.workDir, 'plugin'));
+    } catch (error) {
+      await run.close(true);
+      throw error;
+    }
     return run;
   }
 

@@ -52,8 +52,8 @@ export class KubeClient {
   }
 
   /** The parsed body of a 2xx answer; anything else throws with the status and body. */
-  async json<T = unknown>(method: string, path: string, body?: unknown): Promise<T> {
-    const response = await this.request(method, path, body);
+  async json<T = unknown>(method: string, path: string, body?: unknown, timeoutMs?: number): Promise<T> {
+    const response = await this.request(method, path, body, timeoutMs);
     if (response.status < 200 || response.status > 299) throw new ApiError(method, path, response);
     return JSON.parse(response.text) as T;
   }

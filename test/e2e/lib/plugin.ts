@@ -12,7 +12,7 @@
  * goes through RunningPlugin, so the scenarios do not know which one runs.
  */
 import { execFile } from 'node:child_process';
-import { chownSync, existsSync, readdirSync, writeFileSync } from 'node:fs';
+import { chownSync, existsSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { CONFIG_NAME, repoRoot } from './plugin-config.ts';
@@ -52,8 +52,6 @@ export interface PluginLauncher {
   /** "checkout" or "image", for logs. */
   readonly description: string;
   start(setup: PluginSetup): Promise<RunningPlugin>;
-  /** Makes the configuration folder readable by the plugin again after a file in it changed. */
-  prepareConfig(configDir: string): Promise<void>;
 }
 
 class ChildPlugin implements RunningPlugin {
@@ -88,10 +86,6 @@ class ChildPlugin implements RunningPlugin {
 export class CheckoutLauncher implements PluginLauncher {
   readonly description = 'checkout';
 
-  async prepareConfig(): Promise<void> {
-    // Same user as the files: nothing to do.
-  }
-
   async start(setup: PluginSetup): Promise<RunningPlugin> {
     const child = new Child('trousseau', node, [
       cli, 'serve', '--config', path.join(setup.configDir, CONFIG_NAME),
@@ -116,7 +110,7 @@ export class ImageLauncher implements PluginLauncher {
   private readonly script = process.env.TROUSSEAU_E2E_IMAGE_RUN ?? path.join(repoRoot, 'deploy/image/run.sh');
   private starts = 0;
 
-  async prepareConfig(configDir: string): Promise<void> {
+  private async giveToImageUser(configDir: string): Promise<void> {
     // The plugin reads its files as the image's user, and refuses files that others
     // could read: they must be that user's, mode 0600 (the static pod's Secret volume
     // gives the same).
@@ -130,7 +124,7 @@ export class ImageLauncher implements PluginLauncher {
     if (!existsSync(this.script)) {
       throw new Error('deploy/image/run.sh is missing, so the plugin cannot run from the image; run the suite from the checkout with `npm run test:e2e -- --no-image`');
     }
-    await this.prepareConfig(setup.configDir);
+    await this.giveToImageUser(setup.configDir);
     const envFile = `${setup.configDir}.env`;
     writeFileSync(envFile, Object.entries(setup.env).map(([k, v]) => `${k}=${v}\n`).join(''), { mode: 0o600 });
     const name = `trousseau-${path.basename(path.dirname(setup.socketDir))}-${++this.starts}`;
@@ -266,7 +260,14 @@ export async function trousseauStatus(plugin: RunningPlugin): Promise<StatusRepo
   return { exitCode, keyId: report.keyId, partial: report.partial ?? false, healthy: report.healthy ?? false, backends: report.backends ?? [] };
 }
 
-/** `trousseau keygen --rotate FILE` on the host. */
+/**
+ * `trousseau keygen --rotate FILE` on the host, as the file's owner (the image's user
+ * when the image runs): the rotated file must stay readable by the plugin, and the
+ * plugin refuses key files that others can read.
+ */
 export async function rotateLocalKey(file: string): Promise<void> {
-  await run(node, [cli, 'keygen', '--rotate', file], { timeout: 30_000 });
+  const { uid, gid } = statSync(file);
+  const keygen = [node, cli, 'keygen', '--rotate', file];
+  if (uid === process.getuid?.()) await run(keygen[0]!, keygen.slice(1), { timeout: 30_000 });
+  else await run('setpriv', [`--reuid=${uid}`, `--regid=${gid}`, '--clear-groups', ...keygen], { timeout: 30_000 });
 }
