@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as `npm test` runs it (locally and in CI):
 #   lint, type-check, start the real backend servers, ava with coverage, the
-#   Kubernetes apiserver harness, then one summary line "N passed, N failed, N skipped".
+#   Kubernetes apiserver harness, the end-to-end suite, then one summary line "N passed, N failed, N skipped".
 # Set TROUSSEAU_SKIP_SERVERS=1 to run without starting servers (backend tests then
 # skip loudly outside CI and fail inside CI).
 set -uo pipefail
@@ -91,6 +91,18 @@ if [ -f test/k8s/run.sh ]; then
   passed=$((passed + kp)) failed=$((failed + kf)) skipped=$((skipped + ks))
   while IFS= read -r line; do failure_lines+=("k8s: $line"); done < <(grep -E -- '--- FAIL' "$k8s_log" | head -20)
   if [ "$k8s_status" -ne 0 ] && [ "$kf" -eq 0 ]; then failed=$((failed + 1)); step_failed+=("k8s harness exit $k8s_status"); fi
+fi
+
+# The end-to-end suite: a real kube-apiserver and etcd, the plugin from the image
+# (TROUSSEAU_E2E_ARGS=--no-image: from the checkout). Its binaries are built first, outside
+# the suite's bound: a cold build takes 15-30 minutes, a cached one nothing.
+if [ -f test/e2e/run.sh ]; then
+  if run_step "build kube-apiserver and etcd" bash test/e2e/build-kube.sh; then
+    # shellcheck disable=SC2086 # TROUSSEAU_E2E_ARGS holds flags, split on purpose
+    run_ava "end-to-end suite (kube-apiserver + etcd)" .servers/logs/e2e.log 30m bash test/e2e/run.sh ${TROUSSEAU_E2E_ARGS:-}
+  else
+    failed=$((failed + 1))
+  fi
 fi
 
 if [ -z "${TROUSSEAU_KEEP_SERVERS:-}" ] && [ -z "${TROUSSEAU_SKIP_SERVERS:-}" ]; then
