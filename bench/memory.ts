@@ -25,24 +25,18 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { generateKeyFile } from '../src/backends/local.ts';
 import { call, clientsFor } from '../src/cli/client.ts';
 import type * as T from '../src/kms/types.ts';
 import { pluginNodeArgs } from './plugin-node-args.ts';
+import { cpuSeconds, freePort, loadAverage, rssMiB } from './process-stats.ts';
 
 const root = path.resolve(import.meta.dirname, '..');
 const MiB = 2 ** 20;
 const round1 = (x: number) => Math.round(x * 10) / 10;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const loadAverage = () =>
-  os
-    .loadavg()
-    .map((x) => x.toFixed(2))
-    .join(' / ');
-
 export interface MemorySample {
   /** Seconds since the plugin was ready. */
   t: number;
@@ -61,22 +55,6 @@ export interface GcPoint {
   /** V8 heap used right after a forced full GC. */
   heapMiB: number;
   rssMiB: number;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
-    });
-  });
-}
-
-function rssMiB(pid: number): number {
-  const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
-  return round1(kb / 1024);
 }
 
 /** A minimal Chrome DevTools Protocol session over Node's built-in WebSocket client. */
@@ -319,7 +297,7 @@ async function goloadRun(socket: string, op: 'decrypt' | 'encrypt', pid: number)
   const { goloadBinary } = await import('./goload-binary.ts');
   let peak = 0;
   const sampler = setInterval(() => (peak = Math.max(peak, rssMiB(pid))), 200);
-  const cpuBefore = (await import('./plugin-process.ts')).cpuSeconds(pid);
+  const cpuBefore = cpuSeconds(pid);
   const output = await new Promise<string>((resolve, reject) => {
     let out = '';
     const load = spawn(goloadBinary(), ['-socket', socket, '-op', op, '-concurrency', '16', '-seconds', '10'], { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -328,7 +306,7 @@ async function goloadRun(socket: string, op: 'decrypt' | 'encrypt', pid: number)
   });
   clearInterval(sampler);
   const r = JSON.parse(output) as { ops: number; opsPerSec: number; p99: number; errors: number };
-  const cpu = (await import('./plugin-process.ts')).cpuSeconds(pid) - cpuBefore;
+  const cpu = cpuSeconds(pid) - cpuBefore;
   // goload's warm-up calls (4 per caller) are in the CPU time too.
   return { opsPerSec: r.opsPerSec, p99Ms: round1(r.p99), errors: r.errors, cpuUsPerCall: Math.round((cpu * 1e6) / (r.ops + 64)), rssPeakMiB: round1(peak) };
 }

@@ -31,9 +31,8 @@
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { status as grpcStatus } from '@grpc/grpc-js';
@@ -42,6 +41,7 @@ import { call, clientsFor } from '../src/cli/client.ts';
 import type * as T from '../src/kms/types.ts';
 import { goAvailable, goloadBinary } from './goload-binary.ts';
 import { pluginNodeArgs } from './plugin-node-args.ts';
+import { cpuSeconds, freePort, loadAverage, rssMiB, serverEnv } from './process-stats.ts';
 
 const root = path.resolve(import.meta.dirname, '..');
 const pluginRoot = process.env.BENCH_PLUGIN_ROOT ? path.resolve(process.env.BENCH_PLUGIN_ROOT) : root;
@@ -53,45 +53,6 @@ const PEAK_CALLERS = 32;
 const PEAK_SECONDS = 5;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const round1 = (x: number) => Math.round(x * 10) / 10;
-const loadAverage = () =>
-  os
-    .loadavg()
-    .map((x) => x.toFixed(2))
-    .join(' / ');
-
-function serverEnv(name: string): Record<string, string> {
-  const file = path.join(root, '.servers', 'env', `${name}.env`);
-  if (!existsSync(file)) throw new Error(`the ${name} test server is not running: bash test/servers/up.sh openbao local-kms`);
-  const vars: Record<string, string> = {};
-  for (const line of readFileSync(file, 'utf8').split('\n')) {
-    const eq = line.indexOf('=');
-    if (eq > 0) vars[line.slice(0, eq)] = line.slice(eq + 1);
-  }
-  return vars;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
-    });
-  });
-}
-
-/** CPU time (user + system) a process has used, in seconds. */
-function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
-function rssMiB(pid: number): number {
-  const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
-  return round1(kb / 1024);
-}
-
 async function startPlugin(dir: string): Promise<{ child: ChildProcess; socket: string; metricsUrl: string }> {
   const vault = serverEnv('openbao');
   const kms = serverEnv('local-kms');

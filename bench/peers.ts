@@ -35,7 +35,6 @@
 import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, openSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { generateKeyFile } from '../src/backends/local.ts';
@@ -44,6 +43,7 @@ import { call, clientsFor } from '../src/cli/client.ts';
 import { awsOperation, CountingProxy, vaultOperation } from './counting-proxy.ts';
 import { goloadBinary } from './goload-binary.ts';
 import { pluginNodeArgs } from './plugin-node-args.ts';
+import { cpuSeconds, freePort, loadAverage, rssMiB, serverEnv } from './process-stats.ts';
 
 const root = path.resolve(import.meta.dirname, '..');
 const CONCURRENCY = 16;
@@ -57,48 +57,11 @@ const REGION = OWN_KMS_REGION;
 const KEY_ARN = OWN_KMS_KEY_ARN;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const loadAverage = () =>
-  os
-    .loadavg()
-    .map((x) => x.toFixed(2))
-    .join(' / ');
 const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
 };
 const round = (x: number, digits = 0) => Math.round(x * 10 ** digits) / 10 ** digits;
-
-function serverEnv(name: string): Record<string, string> {
-  const file = path.join(root, '.servers', 'env', `${name}.env`);
-  if (!existsSync(file)) throw new Error(`the ${name} test server is not running: bash test/servers/up.sh openbao local-kms`);
-  const vars: Record<string, string> = {};
-  for (const line of readFileSync(file, 'utf8').split('\n')) {
-    const eq = line.indexOf('=');
-    if (eq > 0) vars[line.slice(0, eq)] = line.slice(eq + 1);
-  }
-  return vars;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
-    });
-  });
-}
-
-function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
-function rssMiB(pid: number): number {
-  const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
-  return round(kb / 1024, 1);
-}
 
 async function stop(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;

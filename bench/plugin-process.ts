@@ -12,10 +12,10 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import path from 'node:path';
 import { call, clientsFor } from '../src/cli/client.ts';
 import { pluginNodeArgs } from './plugin-node-args.ts';
+import { cpuSeconds, freePort } from './process-stats.ts';
 
 export const root = path.resolve(import.meta.dirname, '..');
 export type PluginConfiguration = 'dev' | 'all';
@@ -39,17 +39,6 @@ function serversEnv(): Record<string, string> {
   return env;
 }
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
-    });
-  });
-}
-
 export interface PluginProcess {
   child: ChildProcess;
   socket: string;
@@ -61,16 +50,6 @@ export interface PluginProcess {
   /** Plugin CPU time (user + system) spent up to the first Status answer, ms: what start-up costs whatever else runs. */
   cpuToFirstAnswerMs: number;
   stop(): Promise<void>;
-}
-
-export function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
-export function rssMiB(pid: number): number {
-  const kb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
-  return Math.round(kb / 102.4) / 10;
 }
 
 /** Start the plugin in `configuration` with its socket in `dir`, and wait until Status says ok. */

@@ -42,7 +42,7 @@
  * Results are recorded in docs/performance.md.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os, { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -53,6 +53,7 @@ import { call, clientsFor } from '../src/cli/client.ts';
 import type * as T from '../src/kms/types.ts';
 import { emit } from './record.ts';
 import { pluginNodeArgs } from './plugin-node-args.ts';
+import { cpuSeconds, rssMiB } from './process-stats.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -142,18 +143,6 @@ interface Result {
 function percentile(sorted: Float64Array, p: number): number {
   if (sorted.length === 0) return NaN;
   return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!;
-}
-
-/** User + system CPU seconds of a process so far (/proc/<pid>/stat, fields 14 and 15, in clock ticks of 10 ms). */
-function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
-function rssMiB(pid: number): number {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-  const kb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? NaN);
-  return Math.round((kb / 1024) * 10) / 10;
 }
 
 async function startPlugin(dir: string, backends: number): Promise<{ child: ChildProcess; socket: string }> {

@@ -13,12 +13,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { startPluginProcess, unavailable, type PluginConfiguration } from './plugin-process.ts';
-
-const loadAverage = () =>
-  os
-    .loadavg()
-    .map((x) => x.toFixed(2))
-    .join(' / ');
+import { loadAverage } from './process-stats.ts';
 
 const median = (values: number[]) => {
   const sorted = [...values].sort((a, b) => a - b);
