@@ -108,13 +108,12 @@ fi
 # (TROUSSEAU_E2E_ARGS=--no-image: from the checkout). Its binaries are built first, outside
 # the suite's bound: a cold build takes 15-30 minutes, a cached one nothing.
 if [ -f test/e2e/run.sh ]; then
-  wait_kube_build() {
-    local status=0
-    if [ -n "$kube_build_pid" ]; then wait "$kube_build_pid" || status=$?; fi
-    cat .servers/logs/build-kube.log
-    return "$status"
-  }
-  if run_step "build kube-apiserver and etcd (started in the background at the beginning)" wait_kube_build; then
+  # Waited for here, in this shell: run_step runs its command in a pipeline's subshell,
+  # which cannot wait for a child of this one.
+  kube_build_status=0
+  if [ -n "$kube_build_pid" ]; then wait "$kube_build_pid" || kube_build_status=$?; fi
+  kube_build_result() { cat .servers/logs/build-kube.log; return "$kube_build_status"; }
+  if run_step "build kube-apiserver and etcd (started in the background at the beginning)" kube_build_result; then
     # shellcheck disable=SC2086 # TROUSSEAU_E2E_ARGS holds flags, split on purpose
     run_ava "end-to-end suite (kube-apiserver + etcd)" .servers/logs/e2e.log 30m bash test/e2e/run.sh ${TROUSSEAU_E2E_ARGS:-}
   else

@@ -86,7 +86,13 @@ export function runBackendConformance(test: TestFn, target: ConformanceTarget): 
   test(title('garbage ciphertext is a caller error, not an outage'), async (t) => {
     await using(await target.create(), async (backend) => {
       const keyVersion = await backend.currentKeyVersion(signal());
-      const error = await t.throwsAsync(backend.unwrap(randomBytes(64), keyVersion, contextFor(backend), signal()));
+      // local-kms (the AWS test server) does not refuse a blob whose first byte is 0xfc-0xff:
+      // it never answers (7 of 300 random blobs timed out, all of them starting so), where
+      // AWS KMS refuses any garbage. The first byte is kept below 0x80 so that this checks
+      // the backend's classification, not that server's defect.
+      const garbage = randomBytes(64);
+      garbage[0] = garbage[0]! & 0x7f;
+      const error = await t.throwsAsync(backend.unwrap(garbage, keyVersion, contextFor(backend), signal()));
       t.true(isTrousseauError(error), `not a TrousseauError: ${String(error)}`);
       t.is(errorCodeOf(error), 'BACKEND_REJECTED');
       assertNoSecret(t, error, secrets);
