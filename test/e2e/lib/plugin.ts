@@ -12,7 +12,7 @@
  * goes through RunningPlugin, so the scenarios do not know which one runs.
  */
 import { execFile } from 'node:child_process';
-import { chownSync, existsSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { CONFIG_NAME, repoRoot } from './plugin-config.ts';
@@ -269,5 +269,12 @@ export async function rotateLocalKey(file: string): Promise<void> {
   const { uid, gid } = statSync(file);
   const keygen = [node, cli, 'keygen', '--rotate', file];
   if (uid === process.getuid?.()) await run(keygen[0]!, keygen.slice(1), { timeout: 30_000 });
-  else await run('setpriv', [`--reuid=${uid}`, `--regid=${gid}`, '--clear-groups', ...keygen], { timeout: 30_000 });
+  else {
+    // The image's user reaches its mounted folder only inside the container; on the host
+    // the run's temporary folder (mkdtemp, 0700) must let it through to make the
+    // rotation's lock file beside the key.
+    const runFolder = path.dirname(path.dirname(file));
+    chmodSync(runFolder, (statSync(runFolder).mode & 0o7777) | 0o001);
+    await run('setpriv', [`--reuid=${uid}`, `--regid=${gid}`, '--clear-groups', ...keygen], { timeout: 30_000 });
+  }
 }
