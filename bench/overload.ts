@@ -25,7 +25,9 @@
  * this process either way. Each target gets a PASS / FAIL line at the end.
  *
  * BENCH_OVERLOAD_BURST=<n> sets the burst size (default 5000); BENCH_OVERLOAD_STREAMS=<n>
- * the plugin's per-connection stream bound (default: the plugin's own default, 256).
+ * the plugin's per-connection stream bound (default: the plugin's own default, 256);
+ * BENCH_OVERLOAD_HOLD=<ms> how long a refusal holds its stream (connections.refusalHoldMs;
+ * default: the plugin's own default, 200; 0 answers refusals at once, as before).
  * BENCH_PLUGIN_ROOT=<folder> runs the plugin from another checkout (e.g. the code
  * before admission control, for the comparison in docs/performance.md).
  */
@@ -48,6 +50,8 @@ const pluginRoot = process.env.BENCH_PLUGIN_ROOT ? path.resolve(process.env.BENC
 const BURST = Number(process.env.BENCH_OVERLOAD_BURST ?? 5000);
 /** Per-connection stream bound for the plugin (connections.maxConcurrentStreams); default: the plugin's own default. */
 const STREAMS = process.env.BENCH_OVERLOAD_STREAMS ? Number(process.env.BENCH_OVERLOAD_STREAMS) : undefined;
+/** How long a refusal holds its stream (connections.refusalHoldMs); default: the plugin's own default. */
+const HOLD = process.env.BENCH_OVERLOAD_HOLD ? Number(process.env.BENCH_OVERLOAD_HOLD) : undefined;
 const DEADLINE_MS = 3000;
 const PEAK_CALLERS = 32;
 const PEAK_SECONDS = 5;
@@ -79,7 +83,7 @@ async function startPlugin(dir: string): Promise<{ child: ChildProcess; socket: 
     health: { probeIntervalMs: 1000, minBackoffMs: 500, maxBackoffMs: 2000 },
     http: { listen: `127.0.0.1:${port}` },
     log: { level: 'error' },
-    ...(STREAMS === undefined ? {} : { connections: { maxConcurrentStreams: STREAMS } }),
+    connections: { ...(STREAMS === undefined ? {} : { maxConcurrentStreams: STREAMS }), ...(HOLD === undefined ? {} : { refusalHoldMs: HOLD }) },
   };
   await writeFile(path.join(dir, 'config.yaml'), JSON.stringify(config));
   const child = spawn(process.execPath, [...pluginNodeArgs(root), path.join(pluginRoot, 'src/main.ts'), 'serve', '--config', path.join(dir, 'config.yaml')], {
@@ -314,6 +318,7 @@ export async function runOverload(options: OverloadOptions = {}): Promise<Record
     burst: BURST,
     deadlineMs: DEADLINE_MS,
     maxConcurrentStreams: STREAMS ?? 'default',
+    refusalHoldMs: HOLD ?? 'default',
   };
   const encrypt = (i: number, deadline = DEADLINE_MS) =>
     call<T.V2EncryptRequest, T.V2EncryptResponse>(clients.v2, 'Encrypt', { plaintext: randomBytes(32), uid: `ov-${i}` }, deadline);

@@ -63,6 +63,7 @@ export async function startPlugin(
   const kms = new KmsServer(plugin, { path: config.socket.path, mode: config.socket.mode, group: config.socket.group }, metrics, logger, {
     maxConcurrentStreams: config.connections.maxConcurrentStreams,
     idleTimeoutMs: config.connections.idleTimeoutMs,
+    refusalHoldMs: config.connections.refusalHoldMs,
   });
   onServer(kms);
   // Not ready while the socket path leads somewhere else (moved aside, replaced).

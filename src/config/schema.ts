@@ -172,6 +172,12 @@ export const configSchema = z
       .object({
         /** Calls open at once on one gRPC connection (default 256: above the admission bound, so a burst is refused by the plugin, not queued in the client; not above the 256 requests that may be arriving at once). */
         maxConcurrentStreams: z.number().int().min(1).max(10000).default(256),
+        /**
+         * A KMS call refused as overloaded holds its stream this long before the refusal
+         * is answered (default 200; 0 answers at once), so that a burst on one connection
+         * cannot keep the plugin refusing at CPU speed (docs/design/overload.md).
+         */
+        refusalHoldMs: z.number().int().min(0).max(1000).default(200),
         /** Close a gRPC connection with no call open for this long (default 300000). */
         idleTimeoutMs: z.number().int().min(1000).max(86_400_000).default(300_000),
         /** Most HTTP connections open at once (default 32; never more than 1/16 of the descriptor limit). */

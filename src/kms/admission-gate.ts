@@ -10,6 +10,19 @@
  * trailers-only answer (`UNAVAILABLE` "overloaded (kms): ..."); nothing of ours but a
  * few comparisons and a counter (docs/design/overload.md has the measurements).
  *
+ * A refusal is decided at once but answered after a short hold (`refusalHoldMs`,
+ * 200 ms by default). Answered at once, it frees its HTTP/2 stream at once, and the
+ * client's next waiting call takes that stream and is refused in turn: under a burst
+ * larger than the admission bound, one connection kept the plugin refusing as fast as
+ * its CPU allowed, and that CPU was taken from the admitted work (a 5,000-call burst
+ * spent 40 % of the plugin's time refusing). Held, each refused call keeps its stream
+ * busy for the hold, so refusals per second are bounded by the streams left over
+ * above the admission bound divided by the hold, whatever the burst; the answer is
+ * still an explicit UNAVAILABLE, well before the caller's deadline, and no request is
+ * read or work started for it. At most MAX_HELD refusals wait at once (their streams
+ * hold at most one flow-control window each); beyond that, or when the call's
+ * deadline is nearer than the hold, the refusal is answered at once.
+ *
  * An admitted call holds its slot until its status is sent or it is cancelled. A call
  * that must wait reads its request meanwhile, but its handler starts only once it has
  * a slot, so the engine's clocks (and every backend's) start after the wait.
@@ -26,6 +39,17 @@ const GATED = new Set(['/v2.KeyManagementService/Encrypt', '/v2.KeyManagementSer
 
 const LOG_EVERY_MS = 10_000;
 
+/** Default hold of a refusal before it is answered; see the top of this file. */
+export const DEFAULT_REFUSAL_HOLD_MS = 200;
+/**
+ * Refusals held at once, over all connections. A held call is a grpc-js call object,
+ * a timer, and at most one HTTP/2 flow-control window (64 KiB) of unread request, so
+ * the worst case is 32 MiB; beyond it refusals are answered at once.
+ */
+const MAX_HELD = 512;
+/** A held refusal is answered at least this long before the call's deadline. */
+const HOLD_DEADLINE_RESERVE_MS = 100;
+
 /** Date.now() time of the call's deadline, from its grpc-timeout header; undefined without one. */
 function deadlineOf(call: grpc.ServerInterceptingCallInterface): number | undefined {
   const deadline = call.getDeadline();
@@ -33,9 +57,10 @@ function deadlineOf(call: grpc.ServerInterceptingCallInterface): number | undefi
   return Number.isFinite(ms) && ms > 0 ? ms : undefined;
 }
 
-export function admissionGate(admission: Admission, metrics: Metrics, logger: Logger): grpc.ServerInterceptor {
+export function admissionGate(admission: Admission, metrics: Metrics, logger: Logger, refusalHoldMs = DEFAULT_REFUSAL_HOLD_MS): grpc.ServerInterceptor {
   let lastLogged = 0;
   let refusedSinceLog = 0;
+  let held = 0;
   const refuse = (call: grpc.ServerInterceptingCallInterface, labels: { api: Api; method: string }, message: string) => {
     metrics.kmsRequests.inc({ ...labels, code: 'UNAVAILABLE' });
     refusedSinceLog += 1;
@@ -49,6 +74,18 @@ export function admissionGate(admission: Admission, metrics: Metrics, logger: Lo
     call.sendStatus({ code: grpc.status.UNAVAILABLE, details: message });
     // Refused before its request was read: close the stream now (see resetStream).
     resetStream(call);
+  };
+  /** Answer a refusal decided at the call's start, after the hold when there is room and time for it. */
+  const refuseHeld = (call: grpc.ServerInterceptingCallInterface, labels: { api: Api; method: string }, message: string) => {
+    const deadline = deadlineOf(call);
+    const hold = Math.min(refusalHoldMs, deadline === undefined ? Infinity : deadline - Date.now() - HOLD_DEADLINE_RESERVE_MS);
+    if (hold <= 0 || held >= MAX_HELD) return refuse(call, labels, message);
+    held += 1;
+    // A call the client cancels meanwhile is closed already: grpc-js then sends nothing.
+    setTimeout(() => {
+      held -= 1;
+      refuse(call, labels, message);
+    }, hold);
   };
 
   return (descriptor, call) => {
@@ -69,7 +106,7 @@ export function admissionGate(admission: Admission, metrics: Metrics, logger: Lo
         const decision = admission.admit(deadlineOf(call));
         if (decision.kind === 'refused') {
           // The inner call is never started: its request is not even read.
-          refuse(call, labels, decision.message);
+          refuseHeld(call, labels, decision.message);
           return;
         }
         if (decision.kind === 'granted') slot = decision.slot;

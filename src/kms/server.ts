@@ -29,6 +29,8 @@ export interface ConnectionLimits {
   maxConcurrentStreams: number;
   /** A connection with no call open for this long is closed (the client reconnects when it needs to). */
   idleTimeoutMs: number;
+  /** How long a refused Encrypt or Decrypt holds its stream before the refusal is answered (admission-gate.ts). */
+  refusalHoldMs?: number;
 }
 
 /**
@@ -99,7 +101,7 @@ export class KmsServer {
       // The receive guard must stay first: it resets the stream of the innermost call.
       // grpc-js runs the last interceptor first: admission control decides before the
       // guard or anything else spends a thing on a call it refuses.
-      interceptors: [receiveGuard(RECEIVE_LIMITS, metrics, logger), ...(core.admission ? [admissionGate(core.admission, metrics, logger)] : [])],
+      interceptors: [receiveGuard(RECEIVE_LIMITS, metrics, logger), ...(core.admission ? [admissionGate(core.admission, metrics, logger, limits.refusalHoldMs)] : [])],
     });
     this.context = { core, metrics, logger, inFlight: new Set() };
     this.server.addService(V2Service.service, v2Handlers(this.context));

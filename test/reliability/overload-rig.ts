@@ -58,6 +58,7 @@ export async function startRig(
   const server = new KmsServer(plugin, { path: socketPath, mode: config.socket.mode }, metrics, logger, {
     maxConcurrentStreams: config.connections.maxConcurrentStreams,
     idleTimeoutMs: config.connections.idleTimeoutMs,
+    refusalHoldMs: config.connections.refusalHoldMs,
   });
   await plugin.start();
   await server.start();

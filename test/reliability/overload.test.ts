@@ -262,3 +262,38 @@ test.serial('a request the receive guard ends (not received in full in time) is 
   t.is(answer.grpcStatus, status.DEADLINE_EXCEEDED, `answered ${answer.grpcStatus} ${answer.message}`);
   t.is(await rig.counter('trousseau_kms_requests_total', { api: 'v2', method: 'Decrypt', code: 'DEADLINE_EXCEEDED' }), 1, 'the receive guard\'s answer is not counted');
 });
+
+test.serial('refusals are paced: one connection cannot keep the plugin refusing at CPU speed, and each refusal still comes well before its deadline', async (t) => {
+  // One KMS slot, no queue; each admitted Encrypt takes 500 ms at the backends, so
+  // nearly every call is refused. The connection allows 5 streams, 4 more than the
+  // one admitted call holds. Answered at once, each refusal frees its stream for the
+  // next call waiting in the client, and the 240 calls were all refused in about a
+  // second, as fast as the plugin could refuse them (CPU an overloaded plugin needs
+  // for the work it admitted). Held 200 ms each (the default), at most 4 refusals can
+  // be answered per 200 ms on this connection: about 12 s for the whole burst.
+  const rig = await startRig(t, { connections: 10_000, serviceMs: 500, timeoutMs: 2000, config: { ...ONE_SLOT, connections: { maxConcurrentStreams: 5 } } });
+  const total = 240;
+  const started = performance.now();
+  const answeredAt: number[] = [];
+  const outcomes = await Promise.all(
+    Array.from({ length: total }, (_, i) =>
+      outcome(v2Encrypt(rig, i, 30_000)).then((o) => {
+        answeredAt.push(performance.now() - started);
+        return o;
+      }),
+    ),
+  );
+  const ok = outcomes.filter((o) => o.code === status.OK).length;
+  const unexpected = outcomes.filter((o) => o.code !== status.OK && !isRefusal(o));
+  t.deepEqual(unexpected.slice(0, 3), [], `${unexpected.length} of ${total} calls failed with something other than an overload refusal`);
+  const elapsed = Math.max(...answeredAt);
+  const refused = total - ok;
+  t.log(`${refused} refusals and ${ok} OK in ${Math.round(elapsed)} ms (${((refused / elapsed) * 1000).toFixed(0)} refusals/s on one connection with 4 spare streams)`);
+  // At least (refused / 4) rounds of 200 ms; answered at once they took 1-1.5 s, and
+  // only a machine many times slower still would reach this bound.
+  t.true(elapsed >= (refused / 4) * 200 * 0.8, `${refused} refusals on one connection took only ${Math.round(elapsed)} ms: not paced`);
+  // Each refusal is answered long before its 30 s deadline: the pace is the hold, not a wait for work.
+  t.true(elapsed < 25_000, `the refusals took ${Math.round(elapsed)} ms`);
+  // Only admitted calls reached the backends.
+  for (const b of rig.backends) t.true(b.arrived.wrap <= ok + 1, `backend ${b.name}: ${b.arrived.wrap} wraps for ${ok} successful Encrypts`);
+});
