@@ -259,7 +259,8 @@ async function buildBackend(config: Config['backends'][number], baseDir: string,
     return await definition.create(config, { logger: logger.child({ backend: config.name }), baseDir });
   } catch (error) {
     const reason = error instanceof TrousseauError ? error.message : 'construction failed';
-    logger.error({ backend: config.name, code: errorCodeOf(error) }, 'backend could not be set up; it stays unavailable');
+    // Our messages name paths and reasons, never values, so the reason is logged too (a refused credential file says which and why).
+    logger.error({ backend: config.name, code: errorCodeOf(error), reason }, 'backend could not be set up; it stays unavailable');
     return new BrokenBackend(config.name, config.type, reason);
   }
 }

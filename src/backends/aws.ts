@@ -10,7 +10,10 @@
  */
 import type * as KmsSdk from '@aws-sdk/client-kms';
 import type * as CredentialProvidersSdk from '@aws-sdk/credential-providers';
+import os from 'node:os';
+import path from 'node:path';
 import { z } from 'zod';
+import { checkSdkCredentialFiles, recheckSdkCredentialFiles, type SdkCredentialFile } from '../config/sdk-credential-files.ts';
 import { TrousseauError } from '../errors.ts';
 import { contextMap, type KeyBackend, type WrapContext, type WrappedKey } from './backend.ts';
 import { commonBackendFields, type BackendDefinition } from './definition.ts';
@@ -78,10 +81,82 @@ export const awsBackend: BackendDefinition<typeof awsConfigSchema> = {
   type: 'aws',
   configSchema: awsConfigSchema,
   create: async (config) => {
+    // Before anything of the SDK runs: its configuration loading and its credential
+    // chain read these files with plain reads (docs/security.md, "Credential files").
+    await checkSdkCredentialFiles(`aws backend ${config.name}`, awsSdkCredentialFiles());
     await loadAwsSdk();
     return new AwsKmsBackend(config);
   },
 };
+
+/** The folder the SDK finds ~/.aws in: its own getHomeDir (@smithy/core/config), HOME first. */
+function awsHomeDir(env: NodeJS.ProcessEnv): string {
+  if (env.HOME) return env.HOME;
+  if (env.USERPROFILE) return env.USERPROFILE;
+  if (env.HOMEPATH) return `${env.HOMEDRIVE ?? `C:${path.sep}`}${env.HOMEPATH}`;
+  return os.homedir();
+}
+
+/**
+ * The files the AWS SDK reads for this backend, as the SDK finds them. The shared
+ * config and credentials files are read by every client for its settings (endpoint
+ * URLs, FIPS, retry mode) as well as by the credential chain, so always; the web
+ * identity (IRSA) and container (EKS Pod Identity) token files when their variable is
+ * set, unless static keys in the environment end the chain at its first link (as
+ * they do when no AWS_PROFILE is named). A `~/` prefix is the home folder, as in the SDK.
+ */
+export function awsSdkCredentialFiles(env: NodeJS.ProcessEnv = process.env): SdkCredentialFile[] {
+  const home = awsHomeDir(env);
+  const expand = (file: string) => path.resolve(file.startsWith('~/') ? path.join(home, file.slice(2)) : file);
+  const shared = (role: string, variable: string, name: string, secret: boolean): SdkCredentialFile => {
+    const named = env[variable];
+    return named ? { role, variable, file: expand(named), secret } : { role, file: path.resolve(home, '.aws', name), secret };
+  };
+  const files = [
+    shared('AWS shared config file', 'AWS_CONFIG_FILE', 'config', false),
+    shared('AWS shared credentials file', 'AWS_SHARED_CREDENTIALS_FILE', 'credentials', true),
+  ];
+  const staticKeys = !env.AWS_PROFILE && Boolean(env.AWS_ACCESS_KEY_ID) && Boolean(env.AWS_SECRET_ACCESS_KEY);
+  if (!staticKeys) {
+    const tokens: [string, string][] = [
+      ['AWS web identity token file', 'AWS_WEB_IDENTITY_TOKEN_FILE'],
+      ['AWS container authorization token file', 'AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE'],
+    ];
+    for (const [role, variable] of tokens) {
+      const named = env[variable];
+      if (named) files.push({ role, variable, file: path.resolve(named), secret: true });
+    }
+  }
+  return files;
+}
+
+/**
+ * The SDK's chain treats credentials as due for refresh this long before they expire
+ * (credentialsTreatedAsExpired in @aws-sdk/credential-provider-node, and the client's
+ * own memoisation): only then does it read its files again.
+ */
+const REFRESH_WINDOW_MS = 300_000;
+
+/**
+ * `inner`, with the SDK's credential files checked again before every call that may
+ * make it read them: the first, a forced refresh, and any once the last credentials
+ * are within the refresh window of their expiry. Between refreshes the SDK answers
+ * from memory and nothing is checked (or read).
+ */
+function checkedProvider<Options, Identity extends { expiration?: Date | undefined }>(
+  inner: (options?: Options) => Promise<Identity>,
+  who: string,
+  files: readonly SdkCredentialFile[],
+): (options?: Options) => Promise<Identity> {
+  let last: Identity | undefined;
+  return async (options?: Options) => {
+    const forced = (options as { forceRefresh?: unknown } | undefined)?.forceRefresh === true;
+    const due = last?.expiration !== undefined && last.expiration.getTime() - Date.now() < REFRESH_WINDOW_MS;
+    if (last === undefined || forced || due) await recheckSdkCredentialFiles(who, files);
+    last = await inner(options);
+    return last;
+  };
+}
 
 // The SDK's classes, bound by loadAwsSdk(): only a plugin with an aws backend loads the
 // SDK (definition.ts). They keep the SDK's names so that the code below reads as usual.
@@ -91,6 +166,7 @@ let EncryptCommand: typeof KmsSdk.EncryptCommand;
 let DecryptCommand: typeof KmsSdk.DecryptCommand;
 let DescribeKeyCommand: typeof KmsSdk.DescribeKeyCommand;
 let fromTemporaryCredentials: typeof CredentialProvidersSdk.fromTemporaryCredentials;
+let fromNodeProviderChain: typeof CredentialProvidersSdk.fromNodeProviderChain;
 type KeyMetadata = KmsSdk.KeyMetadata;
 let awsSdkLoaded = false;
 
@@ -99,7 +175,7 @@ export async function loadAwsSdk(): Promise<void> {
   if (awsSdkLoaded) return;
   const [kms, providers] = await Promise.all([import('@aws-sdk/client-kms'), import('@aws-sdk/credential-providers')]);
   ({ EncryptCommand, DecryptCommand, DescribeKeyCommand } = kms);
-  fromTemporaryCredentials = providers.fromTemporaryCredentials;
+  ({ fromTemporaryCredentials, fromNodeProviderChain } = providers);
   KMSClient = kms.KMSClient;
   awsSdkLoaded = true;
 }
@@ -117,6 +193,8 @@ export class AwsKmsBackend implements KeyBackend {
   private readonly config: AwsBackendConfig;
   private readonly clients = new Map<string, KMSClient>();
   private readonly credentials: ReturnType<typeof fromTemporaryCredentials> | undefined;
+  /** What the SDK reads for this backend (awsSdkCredentialFiles), checked again on each credential refresh. */
+  private readonly sdkFiles: readonly SdkCredentialFile[];
   /** ARN of the key `keyId` names, from DescribeKey; refreshed by currentKeyVersion(). */
   private keyArn: string | undefined;
 
@@ -125,8 +203,10 @@ export class AwsKmsBackend implements KeyBackend {
     this.config = config;
     this.name = config.name;
     const role = config.assumeRole;
+    this.sdkFiles = awsSdkCredentialFiles();
     this.credentials = role
-      ? fromTemporaryCredentials({
+      ? this.checked(
+          fromTemporaryCredentials({
           params: {
             RoleArn: role.roleArn,
             RoleSessionName: role.sessionName,
@@ -137,8 +217,15 @@ export class AwsKmsBackend implements KeyBackend {
             maxAttempts: MAX_ATTEMPTS,
             requestHandler: { connectionTimeout: config.timeoutMs, requestTimeout: config.timeoutMs },
           },
-        })
+          }),
+        )
       : undefined;
+  }
+
+  private checked<Options, Identity extends { expiration?: Date | undefined }>(
+    inner: (options?: Options) => Promise<Identity>,
+  ): (options?: Options) => Promise<Identity> {
+    return checkedProvider(inner, `aws backend ${this.name}`, this.sdkFiles);
   }
 
   async currentKeyVersion(signal: AbortSignal): Promise<string> {
@@ -252,7 +339,11 @@ export class AwsKmsBackend implements KeyBackend {
         // regional); replicas use their region's endpoint from the SDK's usual
         // configuration (AWS_ENDPOINT_URL_KMS, the profile's endpoint_url, or the default).
         ...(region === this.config.region && this.config.endpoint !== undefined ? { endpoint: this.config.endpoint } : {}),
-        ...(this.credentials === undefined ? {} : { credentials: this.credentials }),
+        // The SDK's own default chain, given the client's configuration as the SDK would
+        // give it (credentialDefaultProvider), wrapped only to check its files again on refresh.
+        ...(this.credentials === undefined
+          ? { credentialDefaultProvider: (input: Parameters<typeof fromNodeProviderChain>[0]) => this.checked(fromNodeProviderChain(input)) }
+          : { credentials: this.credentials }),
         maxAttempts: MAX_ATTEMPTS,
         retryMode: 'standard',
         requestHandler: { connectionTimeout: timeout, requestTimeout: timeout },

@@ -25,6 +25,7 @@ import type { AccessToken, GetTokenOptions, TokenCredential } from '@azure/core-
 import type * as IdentitySdk from '@azure/identity';
 import type * as KeyVaultSdk from '@azure/keyvault-keys';
 import type { CryptographyClientOptions, KeyVaultKey } from '@azure/keyvault-keys';
+import { checkSdkCredentialFiles, recheckSdkCredentialFiles, type SdkCredentialFile } from '../config/sdk-credential-files.ts';
 import { readCredentialFile } from '../config/trusted-path.ts';
 import { TrousseauError, isTrousseauError } from '../errors.ts';
 import { encodeSignedCopy, parseAzureCopy, signedDigest, verifyCopySignature, rsaPublicKeyFromJwk } from './azure-copy.ts';
@@ -87,6 +88,8 @@ export const azureBackend: BackendDefinition<typeof azureConfigSchema> = {
   type: 'azure',
   configSchema: azureConfigSchema,
   create: async (config, deps) => {
+    // Before the SDK could read them (docs/security.md, "Credential files").
+    await checkSdkCredentialFiles(`azure backend ${config.name}`, azureSdkCredentialFiles(config.credential, deps.baseDir));
     await loadAzureSdk();
     return new AzureKeyVaultBackend(config, { baseDir: deps.baseDir });
   },
@@ -94,12 +97,12 @@ export const azureBackend: BackendDefinition<typeof azureConfigSchema> = {
 
 // The SDKs' classes, bound by loadAzureSdk(): only a plugin with an azure backend loads
 // them (definition.ts). They keep the SDKs' names so that the code below reads as usual.
+let ClientAssertionCredential: typeof IdentitySdk.ClientAssertionCredential;
 let ClientCertificateCredential: typeof IdentitySdk.ClientCertificateCredential;
 let ClientSecretCredential: typeof IdentitySdk.ClientSecretCredential;
 type ClientSecretCredential = IdentitySdk.ClientSecretCredential;
 let DefaultAzureCredential: typeof IdentitySdk.DefaultAzureCredential;
 let ManagedIdentityCredential: typeof IdentitySdk.ManagedIdentityCredential;
-let WorkloadIdentityCredential: typeof IdentitySdk.WorkloadIdentityCredential;
 let CryptographyClient: typeof KeyVaultSdk.CryptographyClient;
 type CryptographyClient = KeyVaultSdk.CryptographyClient;
 let KeyClient: typeof KeyVaultSdk.KeyClient;
@@ -112,7 +115,7 @@ let azureSdkLoaded: Promise<void> | undefined;
  */
 export function loadAzureSdk(): Promise<void> {
   azureSdkLoaded ??= Promise.all([import('@azure/identity'), import('@azure/keyvault-keys')]).then(([identity, keyVault]) => {
-    ({ ClientCertificateCredential, ClientSecretCredential, DefaultAzureCredential, ManagedIdentityCredential, WorkloadIdentityCredential } = identity);
+    ({ ClientAssertionCredential, ClientCertificateCredential, ClientSecretCredential, DefaultAzureCredential, ManagedIdentityCredential } = identity);
     ({ CryptographyClient, KeyClient } = keyVault);
   });
   return azureSdkLoaded;
@@ -401,7 +404,7 @@ export class AzureKeyVaultBackend implements KeyBackend {
       // like NODE_EXTRA_CA_CERTS, but for this client only and without a restart.
       agent = new Agent({ ca: [...rootCertificates, pem], keepAlive: true });
     }
-    const credential = this.options.credential ?? createCredential(this.config.credential, this.options.baseDir);
+    const credential = this.options.credential ?? createCredential(this.config.credential, this.options.baseDir, this.name);
     const clientOptions: CryptographyClientOptions = {
       disableChallengeResourceVerification: this.config.disableChallengeResourceVerification,
       // No SDK retries: its default retries a 5xx for several seconds, past the backend's
@@ -431,25 +434,92 @@ function isKeyNotFound(error: unknown): boolean {
   return typeof cause === 'object' && cause !== null && (cause as { statusCode?: unknown }).statusCode === 404;
 }
 
-/** The credential a config block asks for. Paths are resolved against baseDir. */
-export function createCredential(config: AzureCredentialConfig, baseDir: string): TokenCredential {
+/**
+ * The files the Azure SDK (or, for workload identity, the plugin itself) reads for a
+ * credential block: the configured token or certificate file, and what the
+ * environment names where the credential would read it. DefaultAzureCredential reads
+ * AZURE_FEDERATED_TOKEN_FILE (workload identity, and managed identity's token
+ * exchange) and AZURE_CLIENT_CERTIFICATE_PATH (its environment credential);
+ * ManagedIdentityCredential reads AZURE_FEDERATED_TOKEN_FILE when it has a client id
+ * and AZURE_TENANT_ID is set (its tokenExchangeMsi). The developer-tool credentials in
+ * the default chain (Azure CLI, PowerShell, azd) run programs that read their own files:
+ * not covered. Relative environment paths are taken from the working folder, as the SDK reads them.
+ */
+export function azureSdkCredentialFiles(config: AzureCredentialConfig, baseDir: string, env: NodeJS.ProcessEnv = process.env): SdkCredentialFile[] {
+  const fromEnv = (role: string, variable: string): SdkCredentialFile[] => {
+    const named = env[variable];
+    return named ? [{ role, variable, file: path.resolve(named), secret: true }] : [];
+  };
+  const federated = () => fromEnv('Azure federated token file', 'AZURE_FEDERATED_TOKEN_FILE');
   switch (config.method) {
     case 'default':
-      return new DefaultAzureCredential();
-    case 'workloadIdentity':
-      return new WorkloadIdentityCredential({
-        tenantId: config.tenantId,
-        clientId: config.clientId,
-        tokenFilePath: path.resolve(baseDir, config.tokenFile),
-      });
+      return [...federated(), ...fromEnv('Azure client certificate file', 'AZURE_CLIENT_CERTIFICATE_PATH')];
     case 'managedIdentity':
-      return config.clientId ? new ManagedIdentityCredential({ clientId: config.clientId }) : new ManagedIdentityCredential();
+      return (config.clientId ?? env.AZURE_CLIENT_ID) && env.AZURE_TENANT_ID ? federated() : [];
+    case 'workloadIdentity':
+      return [{ role: 'Azure workload identity token file', file: path.resolve(baseDir, config.tokenFile), secret: true }];
+    case 'clientCertificate':
+      return [{ role: 'Azure client certificate file', file: path.resolve(baseDir, config.certificateFile), secret: true }];
+    case 'clientSecret':
+      // Read by FileSecretCredential with readCredentialFile itself.
+      return [];
+  }
+}
+
+/** The credential a config block asks for. Paths are resolved against baseDir; `name` is the backend's, for messages. */
+export function createCredential(config: AzureCredentialConfig, baseDir: string, name: string): TokenCredential {
+  const who = `azure backend ${name}`;
+  const checked = (inner: TokenCredential) => new CheckedFilesCredential(inner, who, azureSdkCredentialFiles(config, baseDir));
+  switch (config.method) {
+    case 'default':
+      return checked(new DefaultAzureCredential());
+    case 'workloadIdentity': {
+      // WorkloadIdentityCredential is this ClientAssertionCredential with a plain
+      // readFile of the token as the assertion: here the plugin reads it, by the
+      // trusted-path rule, each time the SDK asks for one (the kubelet rotates it).
+      const tokenFile = path.resolve(baseDir, config.tokenFile);
+      const what = `${who}: Azure workload identity token file`;
+      const readToken = async () => {
+        const token = (await readCredentialFile(tokenFile, what)).content.toString('utf8').trim();
+        if (!token) throw new TrousseauError('BACKEND_UNAVAILABLE', `${what}: ${tokenFile} is empty`);
+        return token;
+      };
+      return checked(new ClientAssertionCredential(config.tenantId, config.clientId, readToken));
+    }
+    case 'managedIdentity':
+      return checked(config.clientId ? new ManagedIdentityCredential({ clientId: config.clientId }) : new ManagedIdentityCredential());
     case 'clientSecret':
       return new FileSecretCredential(config.tenantId, config.clientId, path.resolve(baseDir, config.secretFile));
     case 'clientCertificate':
-      return new ClientCertificateCredential(config.tenantId, config.clientId, {
-        certificatePath: path.resolve(baseDir, config.certificateFile),
-      });
+      // The SDK reads the PEM file again on every getToken: checked just before each.
+      return checked(
+        new ClientCertificateCredential(config.tenantId, config.clientId, {
+          certificatePath: path.resolve(baseDir, config.certificateFile),
+        }),
+      );
+  }
+}
+
+/**
+ * A credential whose SDK files (azureSdkCredentialFiles) are checked again before
+ * each getToken: the Key Vault clients ask only when their cached token is due for
+ * refresh, which is when the SDK reads the files again. A refused file makes the call
+ * fail as unavailable, with the reason, and nothing is read or sent.
+ */
+class CheckedFilesCredential implements TokenCredential {
+  private readonly inner: TokenCredential;
+  private readonly who: string;
+  private readonly files: readonly SdkCredentialFile[];
+
+  constructor(inner: TokenCredential, who: string, files: readonly SdkCredentialFile[]) {
+    this.inner = inner;
+    this.who = who;
+    this.files = files;
+  }
+
+  async getToken(scopes: string | string[], options?: GetTokenOptions): Promise<AccessToken | null> {
+    if (this.files.length > 0) await recheckSdkCredentialFiles(this.who, this.files);
+    return this.inner.getToken(scopes, options);
   }
 }
 

@@ -25,6 +25,8 @@ import https from 'node:https';
 import net from 'node:net';
 import path from 'node:path';
 import tls, { rootCertificates } from 'node:tls';
+import { awsSdkCredentialFiles } from '../backends/aws.ts';
+import { azureSdkCredentialFiles } from '../backends/azure.ts';
 import { loadKeyRing } from '../backends/local.ts';
 import { definitionFor } from '../backends/registry.ts';
 import type { BackendConfig } from '../backends/registry.ts';
@@ -32,6 +34,7 @@ import type { KeyBackend } from '../backends/backend.ts';
 import { loadConfigFile } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
 import { errorCodeOf, isTrousseauError } from '../errors.ts';
+import { checkOne, type SdkCredentialFile } from '../config/sdk-credential-files.ts';
 import { prepareTrustedFolder, readCredentialFile } from '../config/trusted-path.ts';
 import { isServed, resolveGroup } from '../kms/socket.ts';
 import { silentLogger } from '../observability/logger.ts';
@@ -128,6 +131,36 @@ export function referencedFiles(backend: BackendConfig, baseDir: string): Refere
     case 'pkcs11':
       return at('pinFile', backend.pinFile, 'secret');
   }
+}
+
+/**
+ * The files the backend's SDK reads itself that the configuration does not name (those
+ * go through checkFile): the AWS shared files and token files, the Azure files named by
+ * the environment. The same lists the backends check before they are created.
+ */
+export function sdkFilesToCheck(backend: BackendConfig, baseDir: string): SdkCredentialFile[] {
+  const named = new Set(referencedFiles(backend, baseDir).map((ref) => ref.file));
+  const files = backend.type === 'aws' ? awsSdkCredentialFiles() : backend.type === 'azure' ? azureSdkCredentialFiles(backend.credential, baseDir) : [];
+  return files.filter((file) => !named.has(file.file));
+}
+
+/** One SDK file by the plugin's own rule (checkSdkCredentialFile); a missing one is the SDK's business. */
+async function checkSdkFile(check: string, who: string, file: SdkCredentialFile): Promise<CheckResult> {
+  let present: boolean;
+  try {
+    present = await checkOne(who, file);
+  } catch (error) {
+    return fail(check, safeMessage(error), "keep the file in a folder only root and the plugin's user can write, owned by one of them, not writable by others");
+  }
+  if (!present) {
+    return file.variable === undefined
+      ? pass(check, `${file.file} does not exist (the SDK goes without it)`)
+      : warn(check, `${file.file}, named by ${file.variable}, does not exist`, `mount or write the file, or unset ${file.variable}`);
+  }
+  const info = await stat(file.file).catch(() => undefined);
+  const exposed = file.secret && info ? exposure(info) : undefined;
+  if (exposed) return warn(check, `${file.file} ${exposed}`, `chmod 600 ${file.file} (for a projected volume: defaultMode 0400 or 0600)`);
+  return pass(check, `${file.file}: only root and the plugin's user can change it`);
 }
 
 const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
@@ -568,6 +601,7 @@ async function checkBackend(backend: BackendConfig, baseDir: string, options: Do
   const files = referencedFiles(backend, baseDir);
   const certFile = files.find((f) => f.role === 'client certificate')?.file;
   for (const ref of files) results.push(await checkFile(`${name} ${ref.field}`, ref, certFile));
+  for (const file of sdkFilesToCheck(backend, baseDir)) results.push(await checkSdkFile(`${name} ${file.variable ?? file.role}`, `${backend.type} backend ${name}`, file));
   const filesOk = !results.some((r) => r.status === 'fail');
   const endpoint = await endpointOf(backend, baseDir);
   if (endpoint) {

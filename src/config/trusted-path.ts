@@ -12,7 +12,7 @@
  * `..data -> ..2026_12_02...`) into a root-owned 0755 folder.
  */
 import { constants as fsConstants, type Stats } from 'node:fs';
-import { lstat, mkdir, open, readlink } from 'node:fs/promises';
+import { lstat, mkdir, open, readlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { TrousseauError } from '../errors.ts';
 
@@ -47,10 +47,20 @@ function untrustedFolderReason(folder: string, info: Stats, holdsIt: boolean): s
     : `${folder} is writable by users other than root and the plugin's user (mode ${(info.mode & 0o7777).toString(8)})`;
 }
 
+/** The folder an entry is missing from: whoever can write it can create the entry. */
+interface Holder {
+  path: string;
+  info: Stats;
+}
+
+/** ENOENT from a walk, with the deepest folder that exists on the way. */
+type MissingPathError = NodeJS.ErrnoException & { holder?: Holder };
+
 /** An error with the errno code of a missing path, as fs calls give it. */
-function missing(what: string, where: string): NodeJS.ErrnoException {
-  const error: NodeJS.ErrnoException = new Error(`${what}: ${where} does not exist`);
+function missing(what: string, where: string, holder?: Holder): MissingPathError {
+  const error: MissingPathError = new Error(`${what}: ${where} does not exist`);
   error.code = 'ENOENT';
+  if (holder) error.holder = holder;
   return error;
 }
 
@@ -92,7 +102,7 @@ async function walkTrustedFolder(folder: string, what: string, createMode: numbe
       throw error;
     });
     if (info === undefined) {
-      if (createMode === undefined) throw missing(what, next);
+      if (createMode === undefined) throw missing(what, next, { path: current, info: currentInfo });
       await mkdir(next, { mode: createMode }).catch((error: NodeJS.ErrnoException) => {
         // Someone created it first: what is there now is checked below like anything else.
         if (error.code !== 'EEXIST') throw error;
@@ -131,7 +141,7 @@ export async function resolveTrustedFile(file: string, what: string): Promise<st
     const folder = await walkTrustedFolder(path.dirname(current), what, undefined, false);
     const entry = path.join(folder.path, path.basename(current));
     const info = await lstat(entry).catch((error: NodeJS.ErrnoException) => {
-      if (error.code === 'ENOENT') throw missing(what, entry);
+      if (error.code === 'ENOENT') throw missing(what, entry, folder);
       throw error;
     });
     if (!info.isSymbolicLink()) {
@@ -155,6 +165,25 @@ export interface CredentialFile {
 }
 
 /**
+ * Open a resolved credential file without following a link and without blocking on a
+ * FIFO, and accept it only when it is a regular file owned by root or the plugin's
+ * user that others cannot write. `file` is the path as configured, for messages.
+ */
+async function openCredentialFile(real: string, file: string, what: string): Promise<{ handle: FileHandle; info: Stats }> {
+  const handle = await open(real, READ_FLAGS);
+  try {
+    const info = await handle.stat();
+    if (!info.isFile()) refuse(`refusing ${what}: ${file} is not a regular file`);
+    if (!trustedOwner(info.uid)) refuse(`refusing ${what}: ${file} is owned by uid ${info.uid}, not by root or the plugin's user`);
+    if ((info.mode & 0o022) !== 0) refuse(`refusing ${what}: ${file} is writable by group or others (mode ${(info.mode & 0o777).toString(8)})`);
+    return { handle, info };
+  } catch (error) {
+    await handle.close();
+    throw error;
+  }
+}
+
+/**
  * Read a credential or key file the plugin sends somewhere (a Vault token, an AppRole
  * secret_id, a client secret, a TLS key): the path resolved as above, the file opened
  * without following a link and without blocking on a FIFO, and accepted only when it
@@ -165,16 +194,40 @@ export interface CredentialFile {
  */
 export async function readCredentialFile(file: string, what: string): Promise<CredentialFile> {
   const real = await resolveTrustedFile(file, what);
-  const handle = await open(real, READ_FLAGS);
+  const { handle, info } = await openCredentialFile(real, file, what);
   try {
-    const info = await handle.stat();
-    if (!info.isFile()) refuse(`refusing ${what}: ${file} is not a regular file`);
-    if (!trustedOwner(info.uid)) refuse(`refusing ${what}: ${file} is owned by uid ${info.uid}, not by root or the plugin's user`);
-    if ((info.mode & 0o022) !== 0) refuse(`refusing ${what}: ${file} is writable by group or others (mode ${(info.mode & 0o777).toString(8)})`);
     if (info.size > MAX_CREDENTIAL_BYTES) refuse(`refusing ${what}: ${file} is larger than such a file can be`);
     const content = await handle.readFile();
     return { content, stamp: `${info.dev}:${info.ino}:${info.size}:${info.mtimeMs}:${info.ctimeMs}` };
   } finally {
     await handle.close();
   }
+}
+
+/**
+ * Check, without reading it, a credential file that an SDK reads itself (a web
+ * identity token, a shared credentials file, a client certificate), by the rule of
+ * readCredentialFile: once it passes, only root and the plugin's user can change what
+ * the SDK's own plain read of that path finds.
+ *
+ * Returns false when the file does not exist (the SDK decides what that means: no
+ * ~/.aws/credentials is normal), but only when nobody else could create it there: the
+ * deepest folder that exists on the way must be one only root and the plugin's user
+ * can write (a sticky world-writable one such as /tmp is not). Throws a CONFIG
+ * TrousseauError naming the path and the reason otherwise; never reads the content.
+ */
+export async function checkSdkCredentialFile(file: string, what: string): Promise<boolean> {
+  let real: string;
+  try {
+    real = await resolveTrustedFile(file, what);
+  } catch (error) {
+    const { code, holder } = error as MissingPathError;
+    if (code !== 'ENOENT' || holder === undefined) throw error;
+    const reason = untrustedFolderReason(holder.path, holder.info, true);
+    if (reason) refuse(`refusing ${what}: ${file} does not exist, and another user could create it: ${reason}`);
+    return false;
+  }
+  const { handle } = await openCredentialFile(real, file, what);
+  await handle.close();
+  return true;
 }

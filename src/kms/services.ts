@@ -5,6 +5,7 @@
  */
 import type * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import { buildInfo } from '../build-info.ts';
 import { TrousseauError, errorCodeOf } from '../errors.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import type { KmsCore } from './core.ts';
@@ -12,8 +13,6 @@ import { grpcCodeName, toGrpcError } from './grpc-status.ts';
 import { MALFORMED_REQUEST } from './proto.ts';
 import type * as T from './types.ts';
 import { checkAnnotations, checkCiphertext, checkKeyId, checkPlaintext, checkV1Version, safeUid } from './validate.ts';
-
-export const PLUGIN_VERSION = '0.1.0';
 
 type Api = 'v2' | 'v1beta1' | 'admin';
 
@@ -127,7 +126,8 @@ export function v1Handlers(ctx: HandlerContext): grpc.UntypedServiceImplementati
     Version: unary<T.V1VersionRequest, T.V1VersionResponse>(ctx, 'v1beta1', 'Version', () => ({
       version: 'v1beta1',
       runtime_name: 'trousseau',
-      runtime_version: PLUGIN_VERSION,
+      // One source of truth with --version and trousseau_build_info: package.json, or the image's build-info.json.
+      runtime_version: buildInfo().version,
     })),
     Encrypt: unary<T.V1EncryptRequest, T.V1EncryptResponse>(ctx, 'v1beta1', 'Encrypt', async (request, signal) => {
       checkV1Version(request.version);

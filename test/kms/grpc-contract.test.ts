@@ -3,12 +3,18 @@
  * unix socket: v2 Status / Encrypt / Decrypt, v1beta1, the admin status.
  */
 import test from 'ava';
+import { existsSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { status } from '@grpc/grpc-js';
+import { buildInfo } from '../../src/build-info.ts';
 import { call } from '../../src/cli/client.ts';
 import { renderStatus, type StatusDocument } from '../../src/cli/status-view.ts';
 import { unavailable } from '../helpers/fault-backend.ts';
 import type * as T from '../../src/kms/types.ts';
 import { grpcError, startHarness } from '../helpers/plugin-harness.ts';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 test('v2 Status answers version v2, healthz ok and a key_id of 1..1024 bytes', async (t) => {
   const h = await startHarness(t);
@@ -60,6 +66,11 @@ test('v1beta1: Version says v1beta1; Encrypt/Decrypt round-trip with and without
   const version = await call<T.V1VersionRequest, T.V1VersionResponse>(h.clients.v1, 'Version', { version: 'v1beta1' });
   t.is(version.version, 'v1beta1');
   t.is(version.runtime_name, 'trousseau');
+  // The build's version, as --version and trousseau_build_info give it: package.json's in a checkout.
+  t.is(version.runtime_version, buildInfo().version);
+  if (!existsSync(path.join(root, 'build-info.json'))) {
+    t.is(version.runtime_version, (JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')) as { version: string }).version);
+  }
   for (const v of ['v1beta1', '']) {
     const plain = Buffer.from(`dek for version "${v}"`);
     const { cipher } = await call<T.V1EncryptRequest, T.V1EncryptResponse>(h.clients.v1, 'Encrypt', { version: v, plain });
