@@ -6,7 +6,11 @@
  * `up.sh openbao local-kms moto` does not start, would measure the emulator's RSA work).
  *
  *   peak      the plugin's best throughput in this run: closed-loop Encrypt, then
- *             Decrypt, 32 callers for 5 s each (OK/s).
+ *             Decrypt, 5 s each (OK/s); with the Go client at 32 callers and at 224
+ *             (the default admission bound, 32 in flight + 192 waiting), the better of
+ *             the two: the plugin does more per second with more calls in flight (more
+ *             backend calls overlap), so 32 callers alone understate its peak and
+ *             flatter a burst's goodput.
  *   encrypt   5,000 Encrypts sent at once, 3 s deadline each.
  *   decrypt   5,000 Decrypts of 5,000 distinct envelopes sent at once, 3 s deadline
  *             (cold: every one needs a real unwrap; the plugin caches nothing).
@@ -54,6 +58,14 @@ const STREAMS = process.env.BENCH_OVERLOAD_STREAMS ? Number(process.env.BENCH_OV
 const HOLD = process.env.BENCH_OVERLOAD_HOLD ? Number(process.env.BENCH_OVERLOAD_HOLD) : undefined;
 const DEADLINE_MS = 3000;
 const PEAK_CALLERS = 32;
+/** A peak measurement; with the Go client, one run per number of callers. */
+interface PeakResult {
+  okPerSecond: number;
+  errors: number;
+  runs?: { callers: number; okPerSecond: number; errors: number }[];
+}
+/** Closed-loop callers the Go client's peak is measured with; the best counts. */
+const GO_PEAK_CALLERS = [32, 224];
 const PEAK_SECONDS = 5;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const round1 = (x: number) => Math.round(x * 10) / 10;
@@ -324,9 +336,14 @@ export async function runOverload(options: OverloadOptions = {}): Promise<Record
     call<T.V2EncryptRequest, T.V2EncryptResponse>(clients.v2, 'Encrypt', { plaintext: randomBytes(32), uid: `ov-${i}` }, deadline);
   const decrypt = (e: T.V2EncryptResponse, deadline = DEADLINE_MS) =>
     call<T.V2DecryptRequest, T.V2DecryptResponse>(clients.v2, 'Decrypt', { ciphertext: e.ciphertext, key_id: e.key_id, annotations: e.annotations, uid: 'ov' }, deadline);
-  const goPeak = async (operation: 'encrypt' | 'decrypt') => {
-    const r = await goload(['-socket', socket, '-op', operation, '-concurrency', String(PEAK_CALLERS), '-seconds', String(PEAK_SECONDS)]);
-    return { okPerSecond: Number(r.opsPerSec), errors: Number(r.errors) };
+  const goPeak = async (operation: 'encrypt' | 'decrypt'): Promise<PeakResult> => {
+    const runs: { callers: number; okPerSecond: number; errors: number }[] = [];
+    for (const callers of GO_PEAK_CALLERS) {
+      const r = await goload(['-socket', socket, '-op', operation, '-concurrency', String(callers), '-seconds', String(PEAK_SECONDS)]);
+      runs.push({ callers, okPerSecond: Number(r.opsPerSec), errors: Number(r.errors) });
+    }
+    const best = runs.reduce((a, b) => (b.okPerSecond > a.okPerSecond ? b : a));
+    return { okPerSecond: best.okPerSecond, errors: runs.reduce((sum, r) => sum + r.errors, 0), runs };
   };
   try {
     // Wait until every backend answered its first probe.
@@ -339,7 +356,7 @@ export async function runOverload(options: OverloadOptions = {}): Promise<Record
     result.initial = snapshot(await adminView(adminClients)); // before the peak phase (its load can move the key_id too)
     await peak(16, 1, (i) => encrypt(i, 10_000)); // warm-up: connections, JIT, latency windows
     const envelopes: T.V2EncryptResponse[] = [];
-    const peakEncrypt =
+    const peakEncrypt: PeakResult =
       client === 'go'
         ? await goPeak('encrypt')
         : await peak(PEAK_CALLERS, PEAK_SECONDS, async (i) => {
@@ -363,9 +380,10 @@ export async function runOverload(options: OverloadOptions = {}): Promise<Record
         )
         .join('\n'),
     );
-    const peakDecrypt = client === 'go' ? await goPeak('decrypt') : await peak(PEAK_CALLERS, PEAK_SECONDS, (i) => decrypt(envelopes[i % envelopes.length]!, 10_000));
-    result.peak = { callers: PEAK_CALLERS, seconds: PEAK_SECONDS, encryptPerSecond: peakEncrypt.okPerSecond, decryptPerSecond: peakDecrypt.okPerSecond, errors: peakEncrypt.errors + peakDecrypt.errors, load: loadAverage() };
-    console.error(`overload peak (${client} client): Encrypt ${peakEncrypt.okPerSecond}/s, Decrypt ${peakDecrypt.okPerSecond}/s  (load ${loadAverage()})`);
+    const peakDecrypt: PeakResult = client === 'go' ? await goPeak('decrypt') : await peak(PEAK_CALLERS, PEAK_SECONDS, (i) => decrypt(envelopes[i % envelopes.length]!, 10_000));
+    result.peak = { callers: client === 'go' ? GO_PEAK_CALLERS : PEAK_CALLERS, seconds: PEAK_SECONDS, encryptRuns: peakEncrypt.runs, decryptRuns: peakDecrypt.runs, encryptPerSecond: peakEncrypt.okPerSecond, decryptPerSecond: peakDecrypt.okPerSecond, errors: peakEncrypt.errors + peakDecrypt.errors, load: loadAverage() };
+    const byCallers = (p: PeakResult) => (p.runs ? ` (${p.runs.map((r) => `${r.callers} callers ${r.okPerSecond}/s`).join(', ')})` : '');
+    console.error(`overload peak (${client} client): Encrypt ${peakEncrypt.okPerSecond}/s${byCallers(peakEncrypt)}, Decrypt ${peakDecrypt.okPerSecond}/s${byCallers(peakDecrypt)}  (load ${loadAverage()})`);
 
     await sleep(3000);
     const before = await adminView(adminClients);
@@ -404,13 +422,20 @@ export async function runOverload(options: OverloadOptions = {}): Promise<Record
     result.breakerStatesSeen = Object.fromEntries([...breakerStates].map(([name, states]) => [name, [...states]]));
     result.keyIdsSeen = [...keyIdsSeen];
     const rssPeak = Math.max(enc.rssPeakMiB, dec.rssPeakMiB);
-    const late = (b: BurstResult) => b.deadlineExceeded + ((b.okLatencyMs.max ?? 0) >= DEADLINE_MS ? 1 : 0);
+    // Admitted calls are the ones the plugin did work for: its OK answers and any error
+    // other than a refusal. One is late if the plugin answered it with DEADLINE_EXCEEDED
+    // or its OK reached the client after the client's own deadline (the plugin's OKs
+    // minus the client's). A client DEADLINE_EXCEEDED for a call the plugin never saw
+    // (it waited in the client for a stream) or refused is not an admitted call.
+    const late = (b: BurstResult) => Math.max(0, (b.pluginAnswered.OK ?? 0) - b.ok) + (b.pluginAnswered.DEADLINE_EXCEEDED ?? 0);
     const checks = {
       'Encrypt goodput >= 80 % of peak': { ok: enc.goodputOfPeakPercent >= 80, detail: `${enc.goodputPerSecond}/s of ${peakEncrypt.okPerSecond}/s = ${enc.goodputOfPeakPercent} %` },
       'Decrypt goodput >= 80 % of peak': { ok: dec.goodputOfPeakPercent >= 80, detail: `${dec.goodputPerSecond}/s of ${peakDecrypt.okPerSecond}/s = ${dec.goodputOfPeakPercent} %` },
       'every admitted call answers before its deadline': {
         ok: late(enc) === 0 && late(dec) === 0,
-        detail: `DEADLINE_EXCEEDED at the client: Encrypt ${enc.deadlineExceeded}, Decrypt ${dec.deadlineExceeded}; slowest OK ${enc.okLatencyMs.max} / ${dec.okLatencyMs.max} ms`,
+        detail:
+          `late admitted calls: Encrypt ${late(enc)}, Decrypt ${late(dec)} (the plugin's OKs that arrived after the client's deadline, plus its DEADLINE_EXCEEDED answers); ` +
+          `DEADLINE_EXCEEDED at the client in all (most for calls that never left the client): Encrypt ${enc.deadlineExceeded}, Decrypt ${dec.deadlineExceeded}; slowest OK ${enc.okLatencyMs.max} / ${dec.okLatencyMs.max} ms`,
       },
       'breakers of healthy backends stay closed': {
         ok: [...breakerStates.values()].every((states) => states.size === 1 && states.has('closed')),

@@ -14,8 +14,10 @@
  * 200 ms by default). Answered at once, it frees its HTTP/2 stream at once, and the
  * client's next waiting call takes that stream and is refused in turn: under a burst
  * larger than the admission bound, one connection kept the plugin refusing as fast as
- * its CPU allowed, and that CPU was taken from the admitted work (a 5,000-call burst
- * spent 40 % of the plugin's time refusing). Held, each refused call keeps its stream
+ * the two sides could exchange calls, which cost CPU and, worse, refused calls that
+ * had most of their deadline left and would have been served moments later (a
+ * 5,000-Decrypt burst was over in 2 s, half of it refused, with the deadline at 3 s:
+ * docs/design/overload.md). Held, each refused call keeps its stream
  * busy for the hold, so refusals per second are bounded by the streams left over
  * above the admission bound divided by the hold, whatever the burst; the answer is
  * still an explicit UNAVAILABLE, well before the caller's deadline, and no request is
