@@ -9,11 +9,22 @@
  * checked again. See docs/backends/aws-kms.md.
  */
 import type * as KmsSdk from '@aws-sdk/client-kms';
+import type * as AwsCoreClient from '@aws-sdk/core/client';
+import type * as AwsCoreAuth from '@aws-sdk/core/httpAuthSchemes';
 import type * as CredentialProvidersSdk from '@aws-sdk/credential-providers';
+import type * as SmithyCore from '@smithy/core';
+import type * as SmithyEndpoints from '@smithy/core/endpoints';
+import type * as SmithyProtocols from '@smithy/core/protocols';
+import type * as SmithyRetry from '@smithy/core/retry';
+import type * as SignatureV4Sdk from '@smithy/signature-v4';
+import type * as SmithyTypes from '@smithy/types';
+import type { Endpoint, HandlerExecutionContext, HttpRequest as SmithyHttpRequest, HttpResponse as SmithyHttpResponse, OperationSchema, StaticOperationSchema } from '@smithy/types';
+import { hash } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { checkSdkCredentialFiles, recheckSdkCredentialFiles, type SdkCredentialFile } from '../config/sdk-credential-files.ts';
+import { hmacSha256 } from '../envelope/hkdf.ts';
 import { TrousseauError } from '../errors.ts';
 import { contextMap, type KeyBackend, type WrapContext, type WrappedKey } from './backend.ts';
 import { commonBackendFields, type BackendDefinition } from './definition.ts';
@@ -162,22 +173,210 @@ function checkedProvider<Options, Identity extends { expiration?: Date | undefin
 // SDK (definition.ts). They keep the SDK's names so that the code below reads as usual.
 let KMSClient: typeof KmsSdk.KMSClient;
 type KMSClient = KmsSdk.KMSClient;
-let EncryptCommand: typeof KmsSdk.EncryptCommand;
 let DecryptCommand: typeof KmsSdk.DecryptCommand;
 let DescribeKeyCommand: typeof KmsSdk.DescribeKeyCommand;
 let fromTemporaryCredentials: typeof CredentialProvidersSdk.fromTemporaryCredentials;
 let fromNodeProviderChain: typeof CredentialProvidersSdk.fromNodeProviderChain;
 type KeyMetadata = KmsSdk.KeyMetadata;
+/** The SDK's own pieces that KmsCalls composes (see there). */
+let lean: {
+  encrypt: OperationSchema;
+  decrypt: OperationSchema;
+  SignatureV4: typeof SignatureV4Sdk.SignatureV4;
+  AwsSdkSigV4Signer: typeof AwsCoreAuth.AwsSdkSigV4Signer;
+  HttpRequest: typeof SmithyProtocols.HttpRequest;
+  httpSigningMiddleware: typeof SmithyCore.httpSigningMiddleware;
+  retryMiddleware: typeof SmithyRetry.retryMiddleware;
+  userAgentMiddleware: typeof AwsCoreClient.userAgentMiddleware;
+  getEndpointFromInstructions: typeof SmithyEndpoints.getEndpointFromInstructions;
+  toEndpointV1: typeof SmithyEndpoints.toEndpointV1;
+  contextKey: typeof SmithyTypes.SMITHY_CONTEXT_KEY;
+};
 let awsSdkLoaded = false;
 
 /** Load the AWS SDK (once); awsBackend.create does, code that builds an AwsKmsBackend itself must first. */
 export async function loadAwsSdk(): Promise<void> {
   if (awsSdkLoaded) return;
-  const [kms, providers] = await Promise.all([import('@aws-sdk/client-kms'), import('@aws-sdk/credential-providers')]);
-  ({ EncryptCommand, DecryptCommand, DescribeKeyCommand } = kms);
+  const [kms, providers, signatureV4, awsAuth, awsClient, core, endpoints, protocols, retry, schema, types] = await Promise.all([
+    import('@aws-sdk/client-kms'),
+    import('@aws-sdk/credential-providers'),
+    import('@smithy/signature-v4'),
+    import('@aws-sdk/core/httpAuthSchemes'),
+    import('@aws-sdk/core/client'),
+    import('@smithy/core'),
+    import('@smithy/core/endpoints'),
+    import('@smithy/core/protocols'),
+    import('@smithy/core/retry'),
+    import('@smithy/core/schema'),
+    import('@smithy/types'),
+  ]);
+  ({ DecryptCommand, DescribeKeyCommand } = kms);
   ({ fromTemporaryCredentials, fromNodeProviderChain } = providers);
   KMSClient = kms.KMSClient;
+  // The operation schemas the commands carry, in the form the protocol takes.
+  const op = ([, namespace, name, traits, input, output]: StaticOperationSchema) => schema.operation(namespace, name, traits, input, output);
+  lean = {
+    encrypt: op(kms.Encrypt$),
+    decrypt: op(kms.Decrypt$),
+    SignatureV4: signatureV4.SignatureV4,
+    AwsSdkSigV4Signer: awsAuth.AwsSdkSigV4Signer,
+    HttpRequest: protocols.HttpRequest,
+    httpSigningMiddleware: core.httpSigningMiddleware,
+    retryMiddleware: retry.retryMiddleware,
+    userAgentMiddleware: awsClient.userAgentMiddleware,
+    getEndpointFromInstructions: endpoints.getEndpointFromInstructions,
+    toEndpointV1: endpoints.toEndpointV1,
+    contextKey: types.SMITHY_CONTEXT_KEY,
+  };
   awsSdkLoaded = true;
+}
+
+/**
+ * The parts of a KMSClient's resolved configuration that KmsCalls uses: the client's
+ * own protocol (awsJson1_1 serde, with the SDK's exception classes), HTTP handler
+ * (keep-alive agent, timeouts), credential provider (the default chain or the role),
+ * retry strategy and SigV4 signer.
+ */
+type ResolvedKmsConfig = Omit<KmsSdk.KMSClientResolvedConfig, 'protocol' | 'requestHandler'> & {
+  requestHandler: { handle(request: SmithyHttpRequest, options: { abortSignal: AbortSignal }): Promise<{ response: SmithyHttpResponse }> };
+  protocol: {
+    serializeRequest(operation: OperationSchema, input: object, context: { endpoint: () => Promise<Endpoint> }): Promise<SmithyHttpRequest>;
+    deserializeResponse(operation: OperationSchema, context: object, response: SmithyHttpResponse): Promise<unknown>;
+  };
+};
+
+/**
+ * Encrypt and Decrypt, the calls behind every KMS-path request, through the SDK's own
+ * pieces composed once per client instead of `client.send`. Profiled (docs/performance.md,
+ * issue 15 goal 2), `send` spends most of its CPU on work that is the same for every
+ * call of a client: resolving and sorting the middleware stack, copying the whole
+ * client configuration into each serde context, evaluating the endpoint rules, and
+ * building the user agent. Here that is done once; per call there remain the
+ * protocol's serialisation and parsing, the SDK's retry middleware (standard mode,
+ * MAX_ATTEMPTS, throttling backoff, the abort signal) around its signing middleware
+ * (SigV4 with the client's signer and credential provider, clock-skew correction),
+ * and the client's NodeHttpHandler. Nothing of the AWS protocol is written here.
+ * DescribeKey (probes, alias resolution) keeps using `client.send`.
+ */
+class KmsCalls {
+  readonly client: KMSClient;
+  private readonly config: ResolvedKmsConfig;
+  private readonly signer: AwsCoreAuth.AwsSdkSigV4Signer;
+  /** The client's endpoint: its rules depend only on the client's configuration (region, FIPS, dual-stack, override). */
+  private endpoint: Endpoint | undefined;
+  /** The user-agent headers the SDK's middleware builds from the client's configuration. */
+  private userAgent: Record<string, string> | undefined;
+
+  constructor(client: KMSClient) {
+    this.client = client;
+    this.config = client.config;
+    this.signer = new lean.AwsSdkSigV4Signer();
+  }
+
+  async send<Output>(operation: OperationSchema, input: object, abortSignal: AbortSignal): Promise<Output> {
+    const config = this.config;
+    // Every KMS operation has the same endpoint parameters (the client's only), so
+    // any command's instructions give the endpoint of both.
+    const endpoint = this.endpoint ?? (this.endpoint = lean.toEndpointV1(await lean.getEndpointFromInstructions(input, DecryptCommand, config)));
+    const userAgent = this.userAgent ?? (this.userAgent = await this.userAgentHeaders());
+    // As the SDK's auth-scheme middleware: the identity before the request, outside the retries.
+    const identity = await config.credentials();
+    const request = await config.protocol.serializeRequest(operation, input, { endpoint: () => Promise.resolve(endpoint) });
+    const headers = request.headers;
+    headers.host = request.port === undefined ? request.hostname : `${request.hostname}:${request.port}`;
+    const length = config.bodyLengthChecker(request.body);
+    if (length !== undefined) headers['content-length'] = String(length);
+    Object.assign(headers, userAgent);
+
+    const signingProperties: Record<string, unknown> = { config };
+    const context: HandlerExecutionContext = {
+      logger: config.logger,
+      [lean.contextKey]: {
+        abortSignal,
+        selectedHttpAuthScheme: { httpAuthOption: { schemeId: 'aws.auth#sigv4', signingProperties }, identity, signer: this.signer },
+      },
+    };
+    signingProperties.context = context;
+    const attempt = async ({ request: signed }: { request: unknown }) => {
+      const { response } = await config.requestHandler.handle(signed as SmithyHttpRequest, { abortSignal });
+      try {
+        return { response, output: (await config.protocol.deserializeResponse(operation, config, response)) as Output & { $metadata: object } };
+      } catch (error) {
+        throw withResponse(error, response);
+      }
+    };
+    const signing = lean.httpSigningMiddleware(config)(attempt, context);
+    const { output } = await lean.retryMiddleware(config)(signing as never, context)({ input, request } as never);
+    return output as Output;
+  }
+
+  private async userAgentHeaders(): Promise<Record<string, string>> {
+    const probe = new lean.HttpRequest({ headers: {} });
+    await lean.userAgentMiddleware(this.config)(async (args) => ({ output: args, response: undefined }), {})({ input: {}, request: probe });
+    return probe.headers;
+  }
+}
+
+/**
+ * As the SDK's deserializer: the raw response stays on an error (the retry strategy
+ * reads Retry-After from it), and an error that is no service exception gets the
+ * HTTP status (so a 5xx whose body is not JSON is still a server error, retried).
+ */
+function withResponse(error: unknown, response: SmithyHttpResponse): unknown {
+  if (typeof error !== 'object' || error === null) return error;
+  Object.defineProperty(error, '$response', { value: response, enumerable: false, configurable: true });
+  if (!('$metadata' in error)) Object.assign(error, { $metadata: { httpStatusCode: response.statusCode } });
+  return error;
+}
+
+type SourceData = string | ArrayBuffer | ArrayBufferView;
+const HMAC_BLOCK_BYTES = 64;
+
+/**
+ * SHA-256 and HMAC-SHA256 for SigV4 (the client's `sha256` option, which its signer
+ * takes), on Node's one-shot `crypto.hash` as src/envelope/hkdf.ts. The SDK's default
+ * makes a native Hash or Hmac per digest, four per signed request, and Node 24's
+ * createHmac spends about 13 µs checking a Buffer key (3-4 µs for a string or a
+ * KeyObject): two HMACs per request, most of what signing cost (docs/performance.md).
+ * Same contract as the SDK's: a secret makes it an HMAC (keys longer than a block are
+ * hashed first, RFC 2104), digest() may be called more than once.
+ */
+export class SigV4Sha256 {
+  private readonly key: Buffer | undefined;
+  private parts: Uint8Array[] = [];
+
+  constructor(secret?: SourceData | null) {
+    // As the SDK's: an empty string or no secret is a plain hash.
+    if (!secret) return;
+    const key = toBytes(secret);
+    if (key.length <= HMAC_BLOCK_BYTES) {
+      this.key = key;
+      return;
+    }
+    this.key = hash('sha256', key, 'buffer');
+    // A copy made here from a string secret; a caller's buffer is left as it is.
+    if (typeof secret === 'string') key.fill(0);
+  }
+
+  update(data: SourceData): void {
+    this.parts.push(toBytes(data));
+  }
+
+  digest(): Promise<Uint8Array> {
+    const parts = this.parts;
+    if (this.key === undefined) return Promise.resolve(hash('sha256', parts.length === 1 ? parts[0]! : Buffer.concat(parts), 'buffer'));
+    return Promise.resolve(hmacSha256(this.key, ...parts));
+  }
+
+  reset(): void {
+    this.parts = [];
+  }
+}
+
+function toBytes(data: SourceData): Buffer {
+  if (typeof data === 'string') return Buffer.from(data, 'utf8');
+  if (ArrayBuffer.isView(data)) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  return Buffer.from(data);
 }
 
 /**
@@ -191,7 +390,7 @@ export class AwsKmsBackend implements KeyBackend {
   readonly kind = 'aws';
   readonly name: string;
   private readonly config: AwsBackendConfig;
-  private readonly clients = new Map<string, KMSClient>();
+  private readonly clients = new Map<string, KmsCalls>();
   private readonly credentials: ReturnType<typeof fromTemporaryCredentials> | undefined;
   /** What the SDK reads for this backend (awsSdkCredentialFiles), checked again on each credential refresh. */
   private readonly sdkFiles: readonly SdkCredentialFile[];
@@ -238,9 +437,9 @@ export class AwsKmsBackend implements KeyBackend {
 
   async wrap(dataKey: Uint8Array, context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
     const keyArn = await this.resolvedKeyArn(signal);
-    const client = this.client(this.config.region);
-    const command = new EncryptCommand({ KeyId: keyArn, Plaintext: dataKey, EncryptionContext: contextMap(context) });
-    const response = await this.call((abortSignal) => client.send(command, { abortSignal }), signal, keyArn);
+    const calls = this.client(this.config.region);
+    const input: KmsSdk.EncryptCommandInput = { KeyId: keyArn, Plaintext: dataKey, EncryptionContext: contextMap(context) };
+    const response = await this.call((abortSignal) => calls.send<KmsSdk.EncryptCommandOutput>(lean.encrypt, input, abortSignal), signal, keyArn);
     if (!response.CiphertextBlob || response.CiphertextBlob.length === 0) {
       throw new TrousseauError('BACKEND_UNAVAILABLE', `AWS KMS returned no ciphertext for key ${keyArn}`);
     }
@@ -275,7 +474,7 @@ export class AwsKmsBackend implements KeyBackend {
   }
 
   async close(): Promise<void> {
-    for (const client of this.clients.values()) client.destroy();
+    for (const calls of this.clients.values()) calls.client.destroy();
     this.clients.clear();
   }
 
@@ -287,9 +486,9 @@ export class AwsKmsBackend implements KeyBackend {
     signal: AbortSignal,
   ): Promise<Uint8Array> {
     const region = arnRegion(keyArn) ?? this.config.region;
-    const client = this.client(region);
-    const command = new DecryptCommand({ KeyId: keyArn, CiphertextBlob: wrapped, EncryptionContext: contextMap(context) });
-    const response = await this.call((abortSignal) => client.send(command, { abortSignal }), signal, keyArn, keyVersion);
+    const calls = this.client(region);
+    const input: KmsSdk.DecryptCommandInput = { KeyId: keyArn, CiphertextBlob: wrapped, EncryptionContext: contextMap(context) };
+    const response = await this.call((abortSignal) => calls.send<KmsSdk.DecryptCommandOutput>(lean.decrypt, input, abortSignal), signal, keyArn, keyVersion);
     const plaintext = response.Plaintext;
     // KMS was told which key to use; a server answering with another key is not one
     // we trust with this envelope.
@@ -318,7 +517,7 @@ export class AwsKmsBackend implements KeyBackend {
   /** DescribeKey of the configured key: its ARN, once it is known to be usable for wrapping. */
   private async describe(signal: AbortSignal): Promise<string> {
     const label = this.config.keyId;
-    const client = this.client(this.config.region);
+    const { client } = this.client(this.config.region);
     const command = new DescribeKeyCommand({ KeyId: label });
     const response = await this.call((abortSignal) => client.send(command, { abortSignal }), signal, label);
     const metadata = response.KeyMetadata;
@@ -329,11 +528,12 @@ export class AwsKmsBackend implements KeyBackend {
     return metadata.Arn;
   }
 
-  private client(region: string): KMSClient {
-    let client = this.clients.get(region);
-    if (!client) {
+  private client(region: string): KmsCalls {
+    let calls = this.clients.get(region);
+    if (!calls) {
       const timeout = this.config.timeoutMs;
-      client = new KMSClient({
+      let signer: SignatureV4Sdk.SignatureV4 | undefined;
+      const client: KMSClient = new KMSClient({
         region,
         // The override is for the configured region only (VPC and FIPS endpoints are
         // regional); replicas use their region's endpoint from the SDK's usual
@@ -347,10 +547,26 @@ export class AwsKmsBackend implements KeyBackend {
         maxAttempts: MAX_ATTEMPTS,
         retryMode: 'standard',
         requestHandler: { connectionTimeout: timeout, requestTimeout: timeout },
+        sha256: SigV4Sha256,
+        // One SigV4 signer per client, built as the SDK builds its own: without this
+        // option the SDK builds a new one for every call, copying the whole client
+        // configuration into it, and so also derives the signing key on every call
+        // (the signer keeps the cache of derived keys).
+        signer: () =>
+          Promise.resolve(
+            (signer ??= new lean.SignatureV4({
+              credentials: client.config.credentials,
+              region,
+              service: 'kms',
+              sha256: client.config.sha256,
+              uriEscapePath: true,
+            })),
+          ),
       });
-      this.clients.set(region, client);
+      calls = new KmsCalls(client);
+      this.clients.set(region, calls);
     }
-    return client;
+    return calls;
   }
 
   /** One SDK call, with the abort signal honoured even while the SDK waits between retries. */

@@ -3,13 +3,15 @@
  * local-kms (enforces key state: disabled keys, pending deletion) and moto (aliases,
  * multi-Region keys with ReplicateKey). See docs/backends/aws-kms.md, "Test servers".
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, createHmac, randomBytes, type Hash, type Hmac } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { createServer } from 'node:http';
+import { createServer, type IncomingMessage } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import test from 'ava';
+import { HttpRequest } from '@smithy/core/protocols';
+import { SignatureV4 } from '@smithy/signature-v4';
 import {
   CreateAliasCommand,
   CreateKeyCommand,
@@ -20,7 +22,7 @@ import {
   KMSInternalException,
   UpdateAliasCommand,
 } from '@aws-sdk/client-kms';
-import { AwsKmsBackend, awsConfigSchema, classify, loadAwsSdk } from '../../src/backends/aws.ts';
+import { AwsKmsBackend, awsConfigSchema, classify, loadAwsSdk, SigV4Sha256 } from '../../src/backends/aws.ts';
 import { contextMap, type KeyBackend, type WrapContext } from '../../src/backends/backend.ts';
 import { errorCodeOf, type ErrorCode } from '../../src/errors.ts';
 import { requireServer } from '../helpers/servers.ts';
@@ -323,6 +325,132 @@ test('aws: a Decrypt answered with another key is refused (local stub: no real s
   }
 });
 
+/** A hash of the SigV4 signer's form from node:crypto alone, so the check below does not trust the SDK's hashing. */
+class NodeSha256 {
+  private readonly hash: Hash | Hmac;
+  constructor(secret?: SourceData) {
+    this.hash = secret === undefined ? createHash('sha256') : createHmac('sha256', toBytes(secret));
+  }
+  update(data: SourceData): void {
+    this.hash.update(toBytes(data));
+  }
+  digest(): Promise<Uint8Array> {
+    return Promise.resolve(this.hash.digest());
+  }
+}
+type SourceData = string | ArrayBuffer | ArrayBufferView;
+const toBytes = (data: SourceData): Buffer =>
+  typeof data === 'string' ? Buffer.from(data) : ArrayBuffer.isView(data) ? Buffer.from(data.buffer, data.byteOffset, data.byteLength) : Buffer.from(data);
+
+/**
+ * Whether a received request carries a valid SigV4 signature, as AWS checks it: the
+ * request is signed again from what arrived (the signed headers, path, body, date) and
+ * the signatures must be equal. Neither test server checks signatures, so this is the
+ * only proof that what the backend sends is what it signed.
+ */
+async function validSignature(request: IncomingMessage, body: Buffer, secret: string): Promise<{ valid: boolean; signedHeaders: string[] }> {
+  const authorization = request.headers.authorization ?? '';
+  const signedHeaders = /SignedHeaders=([^,]+)/.exec(authorization)?.[1]?.split(';') ?? [];
+  const headers = Object.fromEntries(signedHeaders.map((name) => [name, String(request.headers[name])]));
+  const date = /^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z$/.exec(headers['x-amz-date'] ?? '');
+  if (!date) return { valid: false, signedHeaders };
+  const [, y, mo, d, h, mi, sec] = date.map(Number) as [number, number, number, number, number, number, number];
+  const signer = new SignatureV4({ credentials: { accessKeyId: 'test', secretAccessKey: secret }, region: 'us-east-1', service: 'kms', sha256: NodeSha256 });
+  const again = await signer.sign(
+    new HttpRequest({ method: request.method, protocol: 'http:', hostname: '127.0.0.1', path: request.url, headers, body: body.toString('utf8') }),
+    { signingDate: new Date(Date.UTC(y, mo - 1, d, h, mi, sec)) },
+  );
+  return { valid: again.headers.authorization === authorization, signedHeaders };
+}
+
+interface StubAnswer {
+  status: number;
+  body: string;
+}
+
+/** A KMS stand-in answering each request with the next of `answers`, recording what it got. */
+async function scriptedKms(answers: StubAnswer[]): Promise<{ endpoint: string; requests: { headers: IncomingMessage['headers']; signature: Awaited<ReturnType<typeof validSignature>> }[]; close(): void }> {
+  const requests: { headers: IncomingMessage['headers']; signature: Awaited<ReturnType<typeof validSignature>> }[] = [];
+  const stub = createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      void validSignature(req, Buffer.concat(chunks), SECRET).then((signature) => {
+        requests.push({ headers: req.headers, signature });
+        const answer = answers.shift() ?? { status: 500, body: '{"__type":"KMSInternalException"}' };
+        res.writeHead(answer.status, { 'content-type': 'application/x-amz-json-1.1' });
+        res.end(answer.body);
+      });
+    });
+  });
+  await new Promise<void>((resolve) => stub.listen(0, '127.0.0.1', resolve));
+  return { endpoint: `http://127.0.0.1:${(stub.address() as AddressInfo).port}`, requests, close: () => stub.close() };
+}
+
+test('aws: throttling and 5xx are retried once (signed anew), a refusal is not retried (local stub: no real server throttles on demand)', async (t) => {
+  const keyArn = 'arn:aws:kms:us-east-1:111122223333:key/6f0c2d1e-3b4a-4c5d-8e9f-0a1b2c3d4e5f';
+  const dataKey = randomBytes(32);
+  const ok: StubAnswer = { status: 200, body: JSON.stringify({ KeyId: keyArn, Plaintext: dataKey.toString('base64'), EncryptionAlgorithm: 'SYMMETRIC_DEFAULT' }) };
+  const throttled: StubAnswer = { status: 400, body: '{"__type":"ThrottlingException","message":"Rate exceeded"}' };
+  const unavailable: StubAnswer = { status: 503, body: 'Service Unavailable' };
+  const refused: StubAnswer = { status: 400, body: '{"__type":"InvalidCiphertextException","message":"no"}' };
+  const cases: { answers: StubAnswer[]; requests: number; result: 'ok' | ErrorCode; message?: RegExp }[] = [
+    { answers: [throttled, ok], requests: 2, result: 'ok' },
+    { answers: [unavailable, ok], requests: 2, result: 'ok' },
+    { answers: [throttled, throttled], requests: 2, result: 'BACKEND_UNAVAILABLE', message: /throttled/ },
+    { answers: [refused], requests: 1, result: 'BACKEND_REJECTED', message: /refused the wrapped copy/ },
+  ];
+  for (const [index, c] of cases.entries()) {
+    const stub = await scriptedKms([...c.answers]);
+    try {
+      const b = new AwsKmsBackend(awsConfigSchema.parse({ name: 'aws-test', type: 'aws', keyId: keyArn, region: 'us-east-1', endpoint: stub.endpoint }));
+      await using(b, async () => {
+        const unwrapping = b.unwrap(randomBytes(64), keyArn, contextFor('aws-test'), signal());
+        if (c.result === 'ok') {
+          t.true(Buffer.from(await unwrapping).equals(dataKey), `case ${index}`);
+        } else {
+          const error = await t.throwsAsync(unwrapping);
+          t.is(errorCodeOf(error), c.result, `case ${index}`);
+          if (c.message) t.regex(error.message, c.message);
+        }
+      });
+      t.is(stub.requests.length, c.requests, `case ${index}: requests`);
+      stub.requests.forEach((r, attempt) => {
+        t.true(r.signature.valid, `case ${index}, attempt ${attempt + 1}: the signature matches what was sent`);
+        for (const name of ['host', 'x-amz-date', 'x-amz-target', 'content-type']) t.true(r.signature.signedHeaders.includes(name), `${name} is signed`);
+        t.is(r.headers['x-amz-target'], 'TrentService.Decrypt');
+        t.is(r.headers['amz-sdk-request'], `attempt=${attempt + 1}; max=2`);
+        t.is(r.headers['amz-sdk-invocation-id'], stub.requests[0]?.headers['amz-sdk-invocation-id']);
+        t.regex(String(r.headers['user-agent']), /aws-sdk-js\/3\./);
+      });
+    } finally {
+      stub.close();
+    }
+  }
+});
+
+test("aws: the signer's SHA-256 and HMAC-SHA256 equal node:crypto's, for every key length and any number of parts", async (t) => {
+  const message = randomBytes(300);
+  for (const secret of [undefined, '', 'wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY', 'k'.repeat(64), 'k'.repeat(65), randomBytes(32), randomBytes(64), randomBytes(65), randomBytes(200), new Uint8Array(0)]) {
+    for (const cut of [0, 1, 150, 300]) {
+      const ours = new SigV4Sha256(secret);
+      ours.update(message.subarray(0, cut));
+      ours.update(message.subarray(cut));
+      // An empty string is no secret (a plain hash), as with the SDK's own.
+      const theirs = secret === undefined || secret === '' ? createHash('sha256') : createHmac('sha256', secret);
+      const expected = theirs.update(message).digest();
+      const label = `secret ${typeof secret === 'string' ? `string of ${secret.length}` : secret ? `${secret.length} bytes` : 'none'}, cut ${cut}`;
+      t.true(Buffer.from(await ours.digest()).equals(expected), label);
+      t.true(Buffer.from(await ours.digest()).equals(expected), `${label}, second digest`);
+    }
+  }
+  const reused = new SigV4Sha256('key');
+  reused.update(Buffer.from('a'));
+  reused.reset();
+  reused.update(Buffer.from('b'));
+  t.true(Buffer.from(await reused.digest()).equals(createHmac('sha256', 'key').update('b').digest()), 'reset starts again with the same key');
+});
+
 test('aws: SDK errors are classified by name and status, never by their message', (t) => {
   const leak = 'raw server text with AKIAEXAMPLE and secret';
   const sdkError = (name: string, status: number) =>
@@ -377,9 +505,10 @@ test('aws: the IAM policy grants exactly the calls the backend makes, bound to t
     for (const resource of statement.Resource) t.regex(resource, /^arn:aws:kms:[^:*]+:[^:*]+:key\/[^*]+$/, 'resource must be one key, no wildcard');
   }
 
-  // The commands the backend source sends are exactly the policy's actions.
+  // The operations the backend source calls are exactly the policy's actions: the
+  // commands it sends, and the operation schemas of its own call path (kms.Encrypt$).
   const source = readFileSync(path.join(root, 'src/backends/aws.ts'), 'utf8');
-  const commands = [...source.matchAll(/new (\w+)Command\(/g)].map((m) => `kms:${m[1]}`);
+  const commands = [...source.matchAll(/new (\w+)Command\(|\bkms\.(\w+)\$/g)].map((m) => `kms:${m[1] ?? m[2]}`);
   t.deepEqual([...new Set(commands)].sort(), actions);
 
   // Encrypt and Decrypt require exactly the context keys the backend sends.
