@@ -29,6 +29,7 @@
  *            (SIGCONT). Worst per-second p99 and errors while frozen and after.
  *
  * BENCH_PEERS=<id,id> limits the plugins (e.g. while profiling one of them);
+ * BENCH_PEERS_BASELINE=DIR adds trousseau-aws-baseline, run from the checkout DIR;
  * BENCH_PEERS_SKIP=count,outage skips those phases;
  * BENCH_PLUGIN_NODE_ARGS (e.g. --cpu-prof --cpu-prof-dir=DIR) applies to Trousseau.
  */
@@ -162,7 +163,8 @@ const vaultKubernetesKms: Plugin = {
   },
 };
 
-function trousseau(id: string, backends: ('aws' | 'vault' | 'local')[]): Plugin {
+/** Trousseau with `backends`, run from the source tree at `from` (this checkout unless another is named). */
+function trousseau(id: string, backends: ('aws' | 'vault' | 'local')[], from = root): Plugin {
   return {
     id,
     uses: backends.filter((b): b is 'aws' | 'vault' => b !== 'local'),
@@ -190,7 +192,7 @@ function trousseau(id: string, backends: ('aws' | 'vault' | 'local')[]): Plugin 
         log: { level: 'error' },
       };
       await writeFile(path.join(dir, 'config.yaml'), JSON.stringify(config));
-      const child = spawn(process.execPath, [...pluginNodeArgs(root), path.join(root, 'src/main.ts'), 'serve', '--config', path.join(dir, 'config.yaml')], {
+      const child = spawn(process.execPath, [...pluginNodeArgs(from), path.join(from, 'src/main.ts'), 'serve', '--config', path.join(dir, 'config.yaml')], {
         stdio: ['ignore', 'ignore', 'inherit'],
         env: { ...process.env, ...awsEnv },
       });
@@ -200,9 +202,17 @@ function trousseau(id: string, backends: ('aws' | 'vault' | 'local')[]): Plugin 
   };
 }
 
+/**
+ * BENCH_PEERS_BASELINE=DIR adds `trousseau-aws-baseline`: the aws-only plugin run from
+ * another checkout (e.g. a worktree of the commit before a change, with its own
+ * node_modules), so that before and after are measured in the same run.
+ */
+const baseline = process.env.BENCH_PEERS_BASELINE;
+
 const ALL_PLUGINS: Plugin[] = [
   awsEncryptionProvider,
   trousseau('trousseau-aws', ['aws']),
+  ...(baseline ? [trousseau('trousseau-aws-baseline', ['aws'], path.resolve(baseline))] : []),
   trousseau('trousseau-multi', ['aws', 'vault', 'local']),
   vaultKubernetesKms,
   trousseau('trousseau-vault', ['vault']),
@@ -413,6 +423,8 @@ export async function runPeers(options: PeersOptions = {}): Promise<Record<strin
 function ratios(summary: Record<string, Record<string, number>>): Record<string, Record<string, number>> {
   const pairs: [string, string][] = [
     ['trousseau-aws', 'aws-encryption-provider'],
+    ['trousseau-aws-baseline', 'aws-encryption-provider'],
+    ['trousseau-aws', 'trousseau-aws-baseline'],
     ['trousseau-multi', 'aws-encryption-provider'],
     ['trousseau-vault', 'vault-kubernetes-kms'],
     ['trousseau-multi', 'trousseau-aws'],
