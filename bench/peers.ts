@@ -28,7 +28,8 @@
  *            figures; local-kms is frozen (SIGSTOP) for OUTAGE_S seconds, then resumed
  *            (SIGCONT). Worst per-second p99 and errors while frozen and after.
  *
- * BENCH_PEERS=<id,id> limits the plugins (e.g. while profiling one of them);
+ * BENCH_PEERS=<id,id> limits the plugins (e.g. while profiling one of them), and can name
+ * trousseau-local (a local key only: the plugin's own cost, no backend server);
  * BENCH_PEERS_BASELINE=DIR adds trousseau-aws-baseline, run from the checkout DIR;
  * BENCH_PEERS_SKIP=count,outage skips those phases;
  * BENCH_PLUGIN_NODE_ARGS (e.g. --cpu-prof --cpu-prof-dir=DIR) applies to Trousseau.
@@ -218,6 +219,13 @@ const ALL_PLUGINS: Plugin[] = [
   trousseau('trousseau-vault', ['vault']),
 ];
 
+/**
+ * Run only when BENCH_PEERS names them. trousseau-local: one local key file, no
+ * backend server: the plugin's own cost per call (gRPC, engine, envelope), the floor
+ * under every backend's.
+ */
+const OPTIONAL_PLUGINS: Plugin[] = [trousseau('trousseau-local', ['local'])];
+
 interface GoloadResult {
   ops: number;
   errors: number;
@@ -345,7 +353,7 @@ export async function runPeers(options: PeersOptions = {}): Promise<Record<strin
   const seconds = options.seconds ?? 5;
   const only = process.env.BENCH_PEERS?.split(',').filter(Boolean);
   const skip = new Set(process.env.BENCH_PEERS_SKIP?.split(',') ?? []);
-  const plugins = only ? ALL_PLUGINS.filter((p) => only.includes(p.id)) : ALL_PLUGINS;
+  const plugins = only ? [...ALL_PLUGINS, ...OPTIONAL_PLUGINS].filter((p) => only.includes(p.id)) : ALL_PLUGINS;
   goloadBinary(); // built before anything is measured
   const dir = await mkdtemp(path.join(os.tmpdir(), 'trousseau-peers-'));
   const kms = await startOwnLocalKms(dir);
@@ -425,6 +433,7 @@ function ratios(summary: Record<string, Record<string, number>>): Record<string,
     ['trousseau-aws', 'aws-encryption-provider'],
     ['trousseau-aws-baseline', 'aws-encryption-provider'],
     ['trousseau-aws', 'trousseau-aws-baseline'],
+    ['trousseau-local', 'aws-encryption-provider'],
     ['trousseau-multi', 'aws-encryption-provider'],
     ['trousseau-vault', 'vault-kubernetes-kms'],
     ['trousseau-multi', 'trousseau-aws'],
