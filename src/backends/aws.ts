@@ -88,6 +88,17 @@ export const awsConfigSchema = z
 
 export type AwsBackendConfig = z.output<typeof awsConfigSchema>;
 
+/**
+ * The SDK's HTTP handler settings for one attempt of `timeoutMs`. Without
+ * throwOnRequestTimeout, @smithy/node-http-handler 4.x only writes a warning to the
+ * console when a request passes requestTimeout and lets it run on (until the caller's
+ * signal ends it): the backend's own timeout would not bound an attempt, and every
+ * slow request would write an unstructured line to the plugin's stderr.
+ */
+function requestHandlerOptions(timeoutMs: number): { connectionTimeout: number; requestTimeout: number; throwOnRequestTimeout: true } {
+  return { connectionTimeout: timeoutMs, requestTimeout: timeoutMs, throwOnRequestTimeout: true };
+}
+
 export const awsBackend: BackendDefinition<typeof awsConfigSchema> = {
   type: 'aws',
   configSchema: awsConfigSchema,
@@ -406,16 +417,16 @@ export class AwsKmsBackend implements KeyBackend {
     this.credentials = role
       ? this.checked(
           fromTemporaryCredentials({
-          params: {
-            RoleArn: role.roleArn,
-            RoleSessionName: role.sessionName,
-            ...(role.externalId === undefined ? {} : { ExternalId: role.externalId }),
-          },
-          clientConfig: {
-            region: config.region,
-            maxAttempts: MAX_ATTEMPTS,
-            requestHandler: { connectionTimeout: config.timeoutMs, requestTimeout: config.timeoutMs },
-          },
+            params: {
+              RoleArn: role.roleArn,
+              RoleSessionName: role.sessionName,
+              ...(role.externalId === undefined ? {} : { ExternalId: role.externalId }),
+            },
+            clientConfig: {
+              region: config.region,
+              maxAttempts: MAX_ATTEMPTS,
+              requestHandler: requestHandlerOptions(config.timeoutMs),
+            },
           }),
         )
       : undefined;
@@ -546,7 +557,7 @@ export class AwsKmsBackend implements KeyBackend {
           : { credentials: this.credentials }),
         maxAttempts: MAX_ATTEMPTS,
         retryMode: 'standard',
-        requestHandler: { connectionTimeout: timeout, requestTimeout: timeout },
+        requestHandler: requestHandlerOptions(timeout),
         sha256: SigV4Sha256,
         // One SigV4 signer per client, built as the SDK builds its own: without this
         // option the SDK builds a new one for every call, copying the whole client

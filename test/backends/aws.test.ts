@@ -536,3 +536,32 @@ test('aws: the key policy keeps the administrators and gives the plugin role onl
   t.deepEqual(keys?.slice().sort(), Object.keys(contextMap(contextFor('x'))).sort());
   t.is(wrapStatement?.Condition?.Null?.['kms:EncryptionContextKeys'], 'false');
 });
+
+test.serial('aws: an endpoint that accepts and never answers fails the call at the backend\'s own timeout, as unavailable, and the SDK writes nothing to the console', async (t) => {
+  // The SDK's HTTP handler (@smithy/node-http-handler 4.x) only warns on the console
+  // when a request passes its requestTimeout, and lets it run on, unless told to throw:
+  // the call then lasted as long as the caller's signal (5 s here), and each such
+  // call wrote an unstructured line to the plugin's stderr.
+  const keyArn = 'arn:aws:kms:us-east-1:111122223333:key/6f0c2d1e-3b4a-4c5d-8e9f-0a1b2c3d4e5f';
+  const silent = createServer(() => undefined); // reads the request, never answers
+  await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+  t.teardown(() => silent.close());
+  const warned: string[] = [];
+  const consoleWarn = console.warn;
+  console.warn = (...args: unknown[]) => void warned.push(args.map(String).join(' '));
+  t.teardown(() => {
+    console.warn = consoleWarn;
+  });
+  const endpoint = `http://127.0.0.1:${(silent.address() as AddressInfo).port}`;
+  const b = new AwsKmsBackend(awsConfigSchema.parse({ name: 'aws-test', type: 'aws', keyId: keyArn, region: 'us-east-1', endpoint, timeoutMs: 300 }));
+  await using(b, async () => {
+    const started = performance.now();
+    const error = await t.throwsAsync(b.unwrap(randomBytes(64), keyArn, contextFor('aws-test'), signal()));
+    const elapsed = performance.now() - started;
+    t.is(errorCodeOf(error), 'BACKEND_UNAVAILABLE');
+    // Two attempts of 300 ms at most, well under the caller's 5 s.
+    t.true(elapsed < 2500, `the call took ${Math.round(elapsed)} ms: the backend's timeout did not end it`);
+  });
+  silent.closeAllConnections();
+  t.deepEqual(warned.filter((line) => line.includes('requestTimeout')), [], 'the SDK wrote to the console');
+});
