@@ -89,14 +89,16 @@ export const awsConfigSchema = z
 export type AwsBackendConfig = z.output<typeof awsConfigSchema>;
 
 /**
- * The SDK's HTTP handler settings for one attempt of `timeoutMs`. Without
- * throwOnRequestTimeout, @smithy/node-http-handler 4.x only writes a warning to the
- * console when a request passes requestTimeout and lets it run on (until the caller's
- * signal ends it): the backend's own timeout would not bound an attempt, and every
- * slow request would write an unstructured line to the plugin's stderr.
+ * The SDK's HTTP handler settings. A request's time is bounded by the engine's patient
+ * timer (GuardedBackend: `timeoutMs`, not counting event-loop lag) through the abort
+ * signal, so the SDK gets no request timeout of its own: in @smithy/node-http-handler
+ * 4.x one only prints a warning to the console (an unstructured stderr line per slow
+ * request) and lets the request run on, and set to throw instead it would be a second,
+ * impatient timer that fails calls the guard would still wait for while the plugin's
+ * event loop is late (docs/design/overload.md). The connection timeout stays.
  */
-function requestHandlerOptions(timeoutMs: number): { connectionTimeout: number; requestTimeout: number; throwOnRequestTimeout: true } {
-  return { connectionTimeout: timeoutMs, requestTimeout: timeoutMs, throwOnRequestTimeout: true };
+function requestHandlerOptions(timeoutMs: number): { connectionTimeout: number; requestTimeout: number } {
+  return { connectionTimeout: timeoutMs, requestTimeout: 0 };
 }
 
 export const awsBackend: BackendDefinition<typeof awsConfigSchema> = {
