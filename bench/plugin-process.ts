@@ -7,8 +7,9 @@
  *         servers: .servers/trousseau.yaml and .servers/trousseau.env, which
  *         `bash test/servers/up.sh openbao local-kms lowkey-vault` writes.
  *
- * The plugin runs with the image's Node flags (plugin-node-args.ts). `compileCache`
- * names a NODE_COMPILE_CACHE folder, as the image has one filled at build time.
+ * The plugin runs from bin/trousseau.js with the image's Node flags
+ * (plugin-node-args.ts). `compileCache` names a TROUSSEAU_COMPILE_CACHE folder
+ * (src/config/compile-cache.js), which the plugin checks and fills itself.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
@@ -67,10 +68,11 @@ export async function startPluginProcess(
       : ['serve', '--config', path.join(serversDir, 'trousseau.yaml'), ...common];
   const env: NodeJS.ProcessEnv = { ...process.env, ...(configuration === 'all' ? serversEnv() : {}) };
   delete env.NODE_COMPILE_CACHE;
+  delete env.TROUSSEAU_COMPILE_CACHE;
   delete env.NODE_OPTIONS;
-  if (options.compileCache) env.NODE_COMPILE_CACHE = options.compileCache;
+  if (options.compileCache) env.TROUSSEAU_COMPILE_CACHE = options.compileCache;
   const started = performance.now();
-  const child = spawn(process.execPath, [...(options.nodeArgs ?? pluginNodeArgs(root)), path.join(root, 'src/main.ts'), ...args], {
+  const child = spawn(process.execPath, [...(options.nodeArgs ?? pluginNodeArgs(root)), path.join(root, 'bin/trousseau.js'), ...args], {
     env,
     stdio: ['ignore', 'ignore', 'inherit'],
   });

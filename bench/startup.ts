@@ -4,9 +4,9 @@
  * "ok" (every backend probed once), in the dev configuration (three local backends)
  * and with one backend of each type against the real test servers (plugin-process.ts).
  *
- * Each configuration is started N times (default 5) with a warm compile cache (as the
- * image has one filled at build time; the first, untimed start fills it) and N times
- * without one, interleaved. Reported: median and max wall time, and the plugin's CPU
+ * Each configuration is started N times (default 5) with a warm compile cache
+ * (TROUSSEAU_COMPILE_CACHE; the first, untimed start fills it) and N times without
+ * one, interleaved. Reported: median and max wall time, and the plugin's CPU
  * time to the first answer, which depends less on what else the machine runs.
  */
 import { mkdtemp, rm } from 'node:fs/promises';

@@ -1,9 +1,12 @@
 #!/usr/bin/env node
+// @ts-check
 // Runs the CLI from compiled output when present (installed package, container image),
 // otherwise from the TypeScript sources with Node's type stripping (a checkout).
 // Plain JavaScript that any Node parses, so that an older Node says what it needs
 // instead of failing on the .ts sources (ERR_UNKNOWN_FILE_EXTENSION).
 import { existsSync } from 'node:fs';
+// Plain JavaScript (no type stripping needed) that loads nothing else of the plugin.
+import { useCompileCache } from '../src/config/compile-cache.js';
 
 const major = Number(process.versions.node.split('.')[0]);
 if (major < 24) {
@@ -15,5 +18,13 @@ if (major < 24) {
   process.exit(1);
 }
 
-const compiled = new URL('../dist/src/main.js', import.meta.url);
-await import(existsSync(compiled) ? compiled.href : new URL('../src/main.ts', import.meta.url).href);
+const compiled = existsSync(new URL('../dist/src/main.js', import.meta.url));
+if (process.argv[2] === 'serve') {
+  // Before any other module is loaded, so that the cache serves all of them (and Node's
+  // TypeScript stripper is not loaded at all once it is warm). serve logs the outcome.
+  await useCompileCache().catch((/** @type {Error} */ error) => {
+    console.error(`trousseau: ${error.message}`);
+    process.exit(1);
+  });
+}
+await import(new URL(compiled ? '../dist/src/main.js' : '../src/main.ts', import.meta.url).href);

@@ -23,8 +23,8 @@
  * node:http/https directly, which honours AbortSignal and our TLS settings.
  */
 import { stat } from 'node:fs/promises';
-import http from 'node:http';
-import https from 'node:https';
+import type http from 'node:http';
+import type https from 'node:https';
 import path from 'node:path';
 import type NodeVaultModule from 'node-vault';
 import type { Logger } from 'pino';
@@ -33,6 +33,12 @@ import { readCredentialFile } from '../config/trusted-path.ts';
 import { TrousseauError } from '../errors.ts';
 import { contextBytes, type KeyBackend, type WrapContext, type WrappedKey } from './backend.ts';
 import { commonBackendFields, type BackendDefinition } from './definition.ts';
+
+// The CommonJS modules, not ESM imports: importing node:http from ESM builds its
+// namespace, which reads the lazy WebSocket getters and so loads Node's bundled undici
+// (about 13 MiB of RSS). This module is loaded by every plugin, Vault configured or not.
+const httpModule = process.getBuiltinModule('node:http');
+const httpsModule = process.getBuiltinModule('node:https');
 
 const DATA_KEY_BYTES = 32;
 /** Transit ciphertexts of 32-byte keys are ~70 characters; anything far larger is not ours. */
@@ -199,7 +205,7 @@ export class VaultBackend implements KeyBackend {
   private readonly baseDir: string;
   private readonly logger: Logger | undefined;
   private readonly client: VaultClient;
-  private readonly httpAgent = new http.Agent({ keepAlive: true });
+  private readonly httpAgent = new httpModule.Agent({ keepAlive: true });
   private httpsAgent: https.Agent | undefined;
   /** Aborts background requests (login, renew) on close. */
   private readonly lifetime = new AbortController();
@@ -612,7 +618,7 @@ export class VaultBackend implements KeyBackend {
       }
     };
     const [ca, cert, key] = await Promise.all([load(tls?.caFile, 'CA'), load(tls?.certFile, 'certificate'), load(tls?.keyFile, 'key')]);
-    this.httpsAgent ??= new https.Agent({
+    this.httpsAgent ??= new httpsModule.Agent({
       keepAlive: true,
       ...(ca ? { ca } : {}),
       ...(cert ? { cert } : {}),
@@ -641,7 +647,7 @@ export class VaultBackend implements KeyBackend {
         reject(signal?.reason as Error);
       };
       const finish = () => signal?.removeEventListener('abort', onAbort);
-      const outgoing = (url.protocol === 'https:' ? https : http).request(url, { method: request.method, headers, agent }, (response) => {
+      const outgoing = (url.protocol === 'https:' ? httpsModule : httpModule).request(url, { method: request.method, headers, agent }, (response) => {
         const chunks: Buffer[] = [];
         let size = 0;
         response.on('data', (chunk: Buffer) => {

@@ -11,6 +11,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Config } from '../config/schema.ts';
 import { buildInfo } from '../build-info.ts';
+import { compileCacheOutcome } from '../config/compile-cache.js';
 import { TrousseauError } from '../errors.ts';
 import { KmsServer } from '../kms/server.ts';
 import { ObservabilityServer } from '../observability/http.ts';
@@ -133,6 +134,10 @@ const CLOSE_GRACE_MS = 1000;
 export async function serveUntilSignalled(config: Config, baseDir: string, logger: Logger, configSource = 'unknown'): Promise<number> {
   // The first line: which build, which configuration, which socket.
   logger.info({ ...buildInfo(), config: configSource, socket: config.socket.path }, 'starting trousseau');
+  // bin/trousseau.js decided before anything was loaded (src/config/compile-cache.js).
+  const cache = compileCacheOutcome();
+  if (cache?.used) logger.info({ compileCache: cache.folder }, 'compile cache in use');
+  else if (cache) logger.warn({ compileCache: cache.folder }, `compile cache not used: ${cache.reason}`);
   // grpc-js writes its own lines (GRPC_VERBOSITY, GRPC_TRACE) to stderr as plain text;
   // through the plugin's logger they are lines of the same format as every other.
   grpc.setLogger(grpcLogSink(logger));

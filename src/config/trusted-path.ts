@@ -10,59 +10,27 @@
  * Kubernetes secret and projected volumes fit the rule: their root is a sticky
  * world-writable tmpfs folder holding only root-owned links (`token -> ..data/token`,
  * `..data -> ..2026_12_02...`) into a root-owned 0755 folder.
+ *
+ * The folder walk itself is in trusted-folder.js, plain JavaScript, so that the
+ * compile cache folder can be checked before any TypeScript is loaded.
  */
 import { constants as fsConstants, type Stats } from 'node:fs';
-import { lstat, mkdir, open, readlink, type FileHandle } from 'node:fs/promises';
+import { lstat, open, readlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { TrousseauError } from '../errors.ts';
-
-/** Links followed while walking one path, as the kernel's own limit. */
-const MAX_LINKS = 40;
+import { MAX_LINKS, missing, trustedOwner, untrustedFolderReason, walkTrustedFolder as walkFolder, type MissingPathError } from './trusted-folder.js';
 /** Open for reading without following a link, without blocking on a FIFO. */
 const READ_FLAGS = fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY;
 /** A token, secret, certificate chain or key file is far smaller than this. */
 const MAX_CREDENTIAL_BYTES = 256 * 1024;
 
-const ownUid = () => process.getuid?.() ?? 0;
-/** Root and the plugin's own user: the only owners whose folders and files we trust. */
-const trustedOwner = (uid: number) => uid === 0 || uid === ownUid();
-
 function refuse(message: string): never {
   throw new TrousseauError('CONFIG', message);
 }
 
-/**
- * Why a folder cannot hold the thing (or lead to it), or undefined when it can.
- * A sticky world-writable folder such as /tmp may lead to it (others cannot rename or
- * remove what they do not own there), but not hold it.
- */
-function untrustedFolderReason(folder: string, info: Stats, holdsIt: boolean): string | undefined {
-  if (!trustedOwner(info.uid)) return `${folder} is owned by uid ${info.uid}, not by root or the plugin's user`;
-  const othersCanWrite = (info.mode & 0o022) !== 0;
-  if (!othersCanWrite) return undefined;
-  const sticky = (info.mode & 0o1000) !== 0;
-  if (sticky && !holdsIt) return undefined;
-  return sticky
-    ? `${folder} is writable by other users (sticky, like /tmp); it must be a folder only root and the plugin's user can write`
-    : `${folder} is writable by users other than root and the plugin's user (mode ${(info.mode & 0o7777).toString(8)})`;
-}
-
-/** The folder an entry is missing from: whoever can write it can create the entry. */
-interface Holder {
-  path: string;
-  info: Stats;
-}
-
-/** ENOENT from a walk, with the deepest folder that exists on the way. */
-type MissingPathError = NodeJS.ErrnoException & { holder?: Holder };
-
-/** An error with the errno code of a missing path, as fs calls give it. */
-function missing(what: string, where: string, holder?: Holder): MissingPathError {
-  const error: MissingPathError = new Error(`${what}: ${where} does not exist`);
-  error.code = 'ENOENT';
-  if (holder) error.holder = holder;
-  return error;
-}
+/** The walk (trusted-folder.js), refusing with a CONFIG error. */
+const walkTrustedFolder = (folder: string, what: string, createMode: number | undefined, holdsIt: boolean) =>
+  walkFolder(folder, what, createMode, holdsIt, refuse);
 
 /**
  * Walk `folder` from the root, one component at a time, with lstat only: follow a
@@ -74,61 +42,6 @@ function missing(what: string, where: string, holder?: Holder): MissingPathError
  */
 export async function prepareTrustedFolder(folder: string, what: string, createMode?: number): Promise<string> {
   return (await walkTrustedFolder(folder, what, createMode, true)).path;
-}
-
-/** The walk; `holdsIt` false when the caller will check what the last folder holds itself. */
-async function walkTrustedFolder(folder: string, what: string, createMode: number | undefined, holdsIt: boolean): Promise<{ path: string; info: Stats }> {
-  const pending = path.resolve(folder).split('/').filter(Boolean);
-  let current = '/';
-  let currentInfo = await lstat(current);
-  let links = 0;
-  // Each folder we look into is checked before we trust what we find in it.
-  const check = (dir: string, info: Stats, holdsIt: boolean) => {
-    const reason = untrustedFolderReason(dir, info, holdsIt);
-    if (reason) refuse(`refusing ${what}: ${reason}`);
-  };
-  check(current, currentInfo, false);
-  while (pending.length > 0) {
-    const name = pending.shift()!;
-    if (name === '.') continue;
-    if (name === '..') {
-      current = path.dirname(current);
-      currentInfo = await lstat(current);
-      continue;
-    }
-    const next = path.join(current, name);
-    let info = await lstat(next).catch((error: NodeJS.ErrnoException) => {
-      if (error.code === 'ENOENT') return undefined;
-      throw error;
-    });
-    if (info === undefined) {
-      if (createMode === undefined) throw missing(what, next, { path: current, info: currentInfo });
-      await mkdir(next, { mode: createMode }).catch((error: NodeJS.ErrnoException) => {
-        // Someone created it first: what is there now is checked below like anything else.
-        if (error.code !== 'EEXIST') throw error;
-      });
-      info = await lstat(next);
-    }
-    if (info.isSymbolicLink()) {
-      // In a sticky folder others may own entries; only a link root or we made is trusted.
-      if ((currentInfo.mode & 0o1000) !== 0 && !trustedOwner(info.uid)) refuse(`refusing ${what}: ${next} is a link owned by uid ${info.uid}`);
-      if (++links > MAX_LINKS) refuse(`refusing ${what}: too many links under ${folder}`);
-      const target = await readlink(next);
-      pending.unshift(...target.split('/').filter(Boolean));
-      if (path.isAbsolute(target)) {
-        current = '/';
-        currentInfo = await lstat(current);
-      }
-      continue;
-    }
-    if (!info.isDirectory()) refuse(`refusing ${what}: ${next} is not a folder`);
-    check(next, info, false);
-    current = next;
-    currentInfo = info;
-  }
-  // The folder that holds it: a sticky world-writable one is not enough here.
-  if (holdsIt) check(current, currentInfo, true);
-  return { path: current, info: currentInfo };
 }
 
 /**

@@ -9,7 +9,7 @@
  * (`trousseau status`).
  */
 import { readFileSync } from 'node:fs';
-import http from 'node:http';
+import type http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import type { Metrics } from './metrics.ts';
@@ -38,6 +38,12 @@ const SOCKET_IDLE_MS = 10_000;
 /** How often Node checks the header and request timeouts (its default, 30 s, lets a slow client hold on 6x longer). */
 const TIMEOUT_CHECK_MS = 1000;
 const LOG_EVERY_MS = 10_000;
+/**
+ * The CommonJS module, not an ESM import: importing node:http from ESM builds its
+ * namespace, which reads the lazy WebSocket/CloseEvent/MessageEvent getters and so
+ * loads Node's bundled undici (about 13 MiB of RSS the plugin never uses).
+ */
+const { createServer } = process.getBuiltinModule('node:http');
 
 /** The soft RLIMIT_NOFILE of this process, from /proc (Linux), or undefined. */
 export function openFileLimit(): number | undefined {
@@ -74,7 +80,7 @@ export class ObservabilityServer {
       keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
       maxHeaderSize: 8192,
     };
-    this.server = http.createServer(options, (request, response) => {
+    this.server = createServer(options, (request, response) => {
       const url = (request.url ?? '/').split('?')[0];
       if (request.method !== 'GET' && request.method !== 'HEAD') {
         response.writeHead(405).end();

@@ -15,8 +15,9 @@ test('the image sets a bounded young generation for the plugin', (t) => {
   t.deepEqual(imageNodeOptions(root), ['--max-semi-space-size=8']);
 });
 
-test('npm start and npm run dev run the plugin with the image flags', (t) => {
+test('npm start and npm run dev run the plugin with the image flags, through bin/trousseau.js (where the compile cache is decided)', (t) => {
   const scripts = (JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts;
   const flags = imageNodeOptions(root).join(' ');
-  for (const name of ['start', 'dev']) t.true(scripts[name]!.startsWith(`node ${flags} src/main.ts`), `${name}: ${scripts[name]}`);
+  t.true(scripts.start!.startsWith(`node ${flags} bin/trousseau.js`), `start: ${scripts.start}`);
+  t.true(scripts.dev!.startsWith(`TROUSSEAU_COMPILE_CACHE=./run/compile-cache node ${flags} bin/trousseau.js serve --dev`), `dev: ${scripts.dev}`);
 });
