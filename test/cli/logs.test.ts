@@ -120,8 +120,10 @@ test.serial('json mode: every line the plugin writes is a JSON object, grpc-js l
 test.serial('text mode with npm run dev\'s flags and later overrides: klog layout on every line, the overriding socket and port are used', async (t) => {
   const dir = await tempDir(t);
   const scripts = (JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts;
-  // "node FLAGS src/main.ts serve --dev ..." -> the arguments after src/main.ts.
-  const devArgs = scripts.dev!.split(' ').slice(scripts.dev!.split(' ').indexOf('src/main.ts') + 1);
+  // "[VAR=value] node FLAGS bin/trousseau.js serve --dev ..." -> the arguments from serve on.
+  const words = scripts.dev!.split(' ');
+  const devArgs = words.slice(words.indexOf('serve'));
+  t.is(devArgs[0], 'serve', scripts.dev);
   t.true(devArgs.includes('--socket') && devArgs.includes('--http-listen'), scripts.dev);
   const socketPath = path.join(dir, 'dev.sock');
   const run = await serveOnce(
