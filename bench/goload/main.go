@@ -26,6 +26,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -71,8 +72,7 @@ func main() {
 	if *op == "decrypt" && *envelopes != "" {
 		envs = readEnvelopes(*envelopes)
 	}
-	var next uint64
-	var nextMu sync.Mutex
+	var next atomic.Uint64
 	call := func() error {
 		cctx, cancel := context.WithTimeout(ctx, deadline)
 		defer cancel()
@@ -81,10 +81,7 @@ func main() {
 			return err
 		}
 		if len(envs) > 0 {
-			nextMu.Lock()
-			e := envs[next%uint64(len(envs))]
-			next++
-			nextMu.Unlock()
+			e := envs[(next.Add(1)-1)%uint64(len(envs))]
 			_, err := client.Decrypt(cctx, &kmsapi.DecryptRequest{Ciphertext: e.Ciphertext, KeyId: e.KeyID, Annotations: e.Annotations, Uid: "goload"})
 			return err
 		}
