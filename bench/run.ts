@@ -27,6 +27,9 @@
  *                                    Trousseau beside aws-encryption-provider and vault-kubernetes-kms
  *                                    on the same servers, interleaved, plus an outage round (bench/peers.ts;
  *                                    needs test/servers/up.sh openbao local-kms; not part of "all")
+ *   npm run bench -- --scenario vault-batch [--rounds 3] [--calls 6000]
+ *                                    Vault transit calls batched vs one request per key, CPU of both ends
+ *                                    (bench/vault-batch.ts; needs test/servers/up.sh openbao; not part of "all")
  *   ... --out bench/results.jsonl    append the run's JSON line (stamped with commit, date,
  *                                    node, cpus, load: bench/record.ts) to a file
  *   node bench/charts.ts             redraw docs/charts/*.svg from bench/results.jsonl
@@ -90,6 +93,12 @@ if (args.scenario?.length) {
     peers: async () => (await import('./peers.ts')).runPeers({ rounds: numberArg(args.rounds), seconds: numberArg(args.seconds) }),
     startup: async () => (await import('./startup.ts')).runStartup({ runs: numberArg(args.runs) }),
     footprint: async () => (await import('./memory.ts')).runFootprint({ variants: args.variant }),
+    'vault-batch': async () => {
+      const { printVaultBatch, runVaultBatch } = await import('./vault-batch.ts');
+      const rows = await runVaultBatch({ rounds: numberArg(args.rounds) ?? 3, calls: numberArg(args.calls) ?? 6000, concurrencies: [1, 4, 16, 64] });
+      printVaultBatch(rows);
+      return { rows };
+    },
   };
   const names = args.scenario.includes('all') ? ['fanout', 'failover', 'hedging', 'storm', 'memory'] : args.scenario;
   const results: Record<string, unknown> = {};

@@ -32,6 +32,7 @@ import { z } from 'zod';
 import { readCredentialFile } from '../config/trusted-path.ts';
 import { TrousseauError } from '../errors.ts';
 import { contextBytes, type KeyBackend, type WrapContext, type WrappedKey } from './backend.ts';
+import { Coalescer } from './coalescer.ts';
 import { commonBackendFields, type BackendDefinition } from './definition.ts';
 
 // The CommonJS modules, not ESM imports: importing node:http from ESM builds its
@@ -57,6 +58,9 @@ const RENEW_AT_FRACTION = 2 / 3;
 const CIPHERTEXT_PATTERN = /^vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/]+={0,2}$/;
 /** A recorded key version: "<transit version>@<its creation time, unix seconds>", or the bare number of older envelopes. */
 const KEY_VERSION_PATTERN = /^([1-9][0-9]{0,9})(?:@([0-9]{1,12}))?$/;
+
+/** Up to 8 transit requests of each kind in flight before calls coalesce; at most 32 data keys in one. */
+const DEFAULT_BATCH = { maxItems: 32, maxRequests: 8 };
 
 const relativePath = z.string().min(1);
 const pathSegments = z
@@ -145,6 +149,20 @@ export const vaultConfigSchema = z
     keyName: z.string().regex(/^[A-Za-z0-9_.-]+$/, 'must be a transit key name (letters, digits, "_", ".", "-")'),
     /** How long, in milliseconds, the key's latest_version is cached (default 5000); a rotation shows up in key_id within this time. */
     keyVersionRefreshMs: z.number().int().min(0).max(300_000).default(5000),
+    /**
+     * Concurrent wraps (and, separately, unwraps) go to transit together as one batch
+     * request when requests are already in flight: the per-request cost (HTTP, JSON, the
+     * server's token check and audit entry) is then paid once per batch.
+     */
+    batch: z
+      .object({
+        /** Data keys in one transit request at most (default 32); 1 turns batching off: one request per data key, and none waits. */
+        maxItems: z.number().int().min(1).max(256).default(DEFAULT_BATCH.maxItems),
+        /** Encrypt requests (and decrypt requests) in flight at once; calls beyond wait and go together in the next one (default 8). */
+        maxRequests: z.number().int().min(1).max(1024).default(DEFAULT_BATCH.maxRequests),
+      })
+      .strict()
+      .default(DEFAULT_BATCH),
     auth: z.discriminatedUnion('method', [tokenAuth, approleAuth, kubernetesAuth, jwtAuth]),
   })
   .strict();
@@ -192,6 +210,17 @@ interface RawResponse {
   request: { path: string };
 }
 
+/** One data key's part of a transit batch request (`batch_input` entry, before its reference is added). */
+type TransitItem = Record<'plaintext' | 'associated_data', string> | Record<'ciphertext' | 'associated_data', string>;
+
+/** One entry of a transit batch answer, as far as it is read. */
+interface TransitResult {
+  reference?: unknown;
+  error?: unknown;
+  ciphertext?: unknown;
+  plaintext?: unknown;
+}
+
 interface TokenState {
   token: string;
   /** For the token method: identity of the file content this token came from. */
@@ -219,6 +248,9 @@ export class VaultBackend implements KeyBackend {
   /** When `token` expires (ms since the epoch); `at` undefined: it never does (root-like) or is not known. */
   private expiry: { token: string; at: number | undefined } | undefined;
   private closed = false;
+  /** Wraps and unwraps on their way to transit, coalesced into batch requests under load. */
+  private readonly encrypts: Coalescer<TransitItem, string>;
+  private readonly decrypts: Coalescer<TransitItem, Buffer>;
 
   constructor(config: VaultBackendConfig, options: VaultBackendOptions) {
     this.name = config.name;
@@ -238,6 +270,15 @@ export class VaultBackend implements KeyBackend {
     // node-vault falls back to VAULT_TOKEN, VAULT_NAMESPACE and VAULT_PREFIX from the
     // environment; the configuration file is the only source here.
     this.client.token = '';
+    // maxItems 1 is batching off: each call its own request at once, as many as the
+    // engine's admission control lets through.
+    const batch = { maxItems: config.batch.maxItems, maxRequests: config.batch.maxItems === 1 ? Infinity : config.batch.maxRequests };
+    this.encrypts = new Coalescer((items, signal) => this.transitBatch('encrypt', items, signal, (result) => this.ciphertextOf(result)), batch);
+    this.decrypts = new Coalescer(
+      (items, signal) => this.transitBatch('decrypt', items, signal, (result) => this.dataKeyOf(result)),
+      batch,
+      (key) => key.fill(0), // a key that arrived after its caller gave up
+    );
     (this.client as { namespace?: string }).namespace = config.namespace;
     (this.client as { pathPrefix?: string }).pathPrefix = '';
   }
@@ -282,19 +323,12 @@ export class VaultBackend implements KeyBackend {
   }
 
   async wrap(dataKey: Uint8Array, context: WrapContext, signal: AbortSignal): Promise<WrappedKey> {
-    const body = await this.call<unknown>('encrypt', signal, (token) =>
-      this.client.write(
-        `${this.config.transitMount}/encrypt/${this.config.keyName}`,
-        { plaintext: Buffer.from(dataKey).toString('base64'), associated_data: contextBytes(context).toString('base64') },
-        this.requestOptions(token, signal),
-      ),
+    this.throwIfClosed();
+    const ciphertext = await this.encrypts.submit(
+      { plaintext: Buffer.from(dataKey).toString('base64'), associated_data: contextBytes(context).toString('base64') },
+      signal,
     );
-    const ciphertext = (body as { data?: { ciphertext?: unknown } } | undefined)?.data?.ciphertext;
-    const match = typeof ciphertext === 'string' ? CIPHERTEXT_PATTERN.exec(ciphertext) : null;
-    if (typeof ciphertext !== 'string' || !match?.[1]) {
-      throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: encrypt returned no transit ciphertext`);
-    }
-    const version = Number(match[1]);
+    const version = Number(CIPHERTEXT_PATTERN.exec(ciphertext)?.[1]);
     // A wrap made with a version the cache does not know means the key rotated (or was
     // re-created): read it again so the copy records that version's creation time.
     let info = this.keyInfo;
@@ -312,23 +346,86 @@ export class VaultBackend implements KeyBackend {
     if (recorded?.[1] !== match[1]) {
       throw new TrousseauError('BACKEND_REJECTED', `vault backend ${this.name}: wrapped key was made by key version ${match[1]}, not the recorded one`);
     }
-    const body = await this.call<unknown>('decrypt', signal, (token) =>
-      this.client.write(
-        `${this.config.transitMount}/decrypt/${this.config.keyName}`,
-        { ciphertext, associated_data: contextBytes(context).toString('base64') },
-        this.requestOptions(token, signal),
-      ),
-    );
-    const plaintext = (body as { data?: { plaintext?: unknown } } | undefined)?.data?.plaintext;
-    if (typeof plaintext !== 'string') {
+    this.throwIfClosed();
+    return this.decrypts.submit({ ciphertext, associated_data: contextBytes(context).toString('base64') }, signal);
+  }
+
+  /** What a batch result holds for an encrypt: the transit ciphertext. */
+  private ciphertextOf(result: TransitResult): string {
+    const ciphertext = result.ciphertext;
+    if (typeof ciphertext !== 'string' || !CIPHERTEXT_PATTERN.test(ciphertext)) {
+      throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: encrypt returned no transit ciphertext`);
+    }
+    return ciphertext;
+  }
+
+  /** What a batch result holds for a decrypt: the data key. */
+  private dataKeyOf(result: TransitResult): Buffer {
+    if (typeof result.plaintext !== 'string') {
       throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: decrypt returned no plaintext`);
     }
-    const key = Buffer.from(plaintext, 'base64');
+    const key = Buffer.from(result.plaintext, 'base64');
     if (key.length !== DATA_KEY_BYTES) {
       key.fill(0);
       throw new TrousseauError('BACKEND_REJECTED', `vault backend ${this.name}: ciphertext does not hold a ${DATA_KEY_BYTES}-byte data key`);
     }
     return key;
+  }
+
+  /**
+   * One transit encrypt or decrypt request for several data keys (`batch_input`), each
+   * tagged with its position as `reference`. Vault answers 400 when it refused an item
+   * (a ciphertext that does not open, say) and 500 when an item failed inside it, with
+   * every item's result in the body either way: one caller's bad copy must not fail the
+   * others' calls, and is refused as it would have been alone. A refusal of the request
+   * itself (403, an unknown key) fails every item, as it would have failed each call.
+   */
+  private async transitBatch<R>(
+    what: 'encrypt' | 'decrypt',
+    items: readonly TransitItem[],
+    batchSignal: AbortSignal,
+    read: (result: TransitResult) => R,
+  ): Promise<Array<R | Error>> {
+    const signal = AbortSignal.any([batchSignal, this.lifetime.signal]);
+    const input = items.map((item, index) => ({ ...item, reference: String(index) }));
+    const answer = await this.call(what, signal, (token) =>
+      this.client.write(`${this.config.transitMount}/${what}/${this.config.keyName}`, { batch_input: input }, this.requestOptions(token, signal)).then(
+        (body: unknown) => ({ status: 200, body }),
+        (error: unknown) => {
+          const status = statusOf(error);
+          const body = (error as { response?: { body?: unknown } } | null)?.response?.body;
+          if ((status === 400 || status === 500) && batchResultsOf(body)) return { status, body };
+          throw error;
+        },
+      ),
+    );
+    const results = batchResultsOf(answer.body);
+    // Every result must be where its item was: a key handed to the wrong caller would
+    // only fail later, at the envelope's commitment check, so refuse the answer here.
+    if (results?.length !== items.length || results.some((result, index) => result?.reference !== String(index))) {
+      throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: ${what} answer does not match its batch request`);
+    }
+    return results.map((result) => {
+      if (typeof result.error === 'string' && result.error !== '') return this.itemError(what, answer.status, result.error);
+      try {
+        return read(result);
+      } catch (error) {
+        return error instanceof Error ? error : new Error(String(error));
+      }
+    });
+  }
+
+  /** One item's error in a batch answer, classified as the same answer to that item alone would have been. */
+  private itemError(what: string, status: number, text: string): TrousseauError {
+    const reason = knownPhrase(text);
+    const detail = `HTTP ${status}${reason ? ` (${reason})` : ''}`;
+    return status >= 500
+      ? new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name}: ${what} failed: ${detail}`)
+      : new TrousseauError('BACKEND_REJECTED', `vault backend ${this.name}: ${what} refused: ${detail}`);
+  }
+
+  private throwIfClosed(): void {
+    if (this.closed) throw new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name} is closed`);
   }
 
   /**
@@ -345,6 +442,9 @@ export class VaultBackend implements KeyBackend {
     this.closed = true;
     this.clearTimer();
     this.lifetime.abort(new TrousseauError('SHUTTING_DOWN', `vault backend ${this.name} is closed`));
+    const closed = new TrousseauError('BACKEND_UNAVAILABLE', `vault backend ${this.name} is closed`);
+    this.encrypts.failAll(closed);
+    this.decrypts.failAll(closed);
     this.current = undefined;
     this.login = undefined;
     this.httpAgent.destroy();
@@ -709,7 +809,11 @@ function statusOf(error: unknown): number | undefined {
  */
 function knownReason(error: unknown): string | undefined {
   const errors = (error as { response?: { body?: { errors?: unknown } } } | null)?.response?.body?.errors;
-  const text = Array.isArray(errors) ? errors.filter((e) => typeof e === 'string').join(' ') : '';
+  return knownPhrase(Array.isArray(errors) ? errors.filter((e) => typeof e === 'string').join(' ') : '');
+}
+
+/** The first of the fixed phrases below that `text` contains. */
+function knownPhrase(text: string): string | undefined {
   const phrases = [
     'permission denied',
     'cipher: message authentication failed',
@@ -725,6 +829,12 @@ function knownReason(error: unknown): string | undefined {
     'invalid secret id',
   ];
   return phrases.find((p) => text.includes(p));
+}
+
+/** `data.batch_results` of a transit answer, when it is a list of objects. */
+function batchResultsOf(body: unknown): TransitResult[] | undefined {
+  const results = (body as { data?: { batch_results?: unknown } } | null | undefined)?.data?.batch_results;
+  return Array.isArray(results) && results.every((r) => r !== null && typeof r === 'object') ? (results as TransitResult[]) : undefined;
 }
 
 function describe(error: unknown): string {

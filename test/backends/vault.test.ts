@@ -14,7 +14,9 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
+import { CountingProxy, vaultOperation } from '../../bench/counting-proxy.ts';
+import { FaultProxy } from '../chaos/fault-proxy.ts';
 import type { WrapContext } from '../../src/backends/backend.ts';
 import { loadVaultSdk, VaultBackend, vaultConfigSchema } from '../../src/backends/vault.ts';
 import { errorCodeOf } from '../../src/errors.ts';
@@ -639,5 +641,95 @@ if ('missing' in server) {
     await b.wrap(randomBytes(32), contextFor(b), signal());
     await b.close();
     t.is(errorCodeOf(await t.throwsAsync(b.wrap(randomBytes(32), contextFor(b), signal()))), 'BACKEND_UNAVAILABLE');
+  });
+
+  // ------------------------------------------------------------ batch requests
+
+  /** The backend pointed at a proxy that counts the requests reaching OpenBao, warmed up (token read, key read). */
+  async function countedBackend(t: ExecutionContext, overrides: Record<string, unknown> = {}) {
+    const proxy = await CountingProxy.start(address, vaultOperation);
+    const b = backend({ method: 'token', tokenFile }, { address: proxy.url, ...overrides });
+    t.teardown(async () => {
+      await b.close();
+      await proxy.close();
+    });
+    await b.unwrap(...(await wrapped(b, randomBytes(32))), signal());
+    proxy.take();
+    return { proxy, b };
+  }
+
+  async function wrapped(b: VaultBackend, key: Buffer): Promise<[Uint8Array, string, WrapContext]> {
+    const context = contextFor(b);
+    const copy = await b.wrap(key, context, signal());
+    return [copy.wrapped, copy.keyVersion, context];
+  }
+
+  test('batching: concurrent wraps and unwraps share transit requests, and every key comes back to its own caller', async (t) => {
+    const { proxy, b } = await countedBackend(t);
+    const keys = Array.from({ length: 64 }, () => randomBytes(32));
+    const copies = await Promise.all(keys.map((key) => wrapped(b, key)));
+    const encrypts = proxy.take()['transit/encrypt'] ?? 0;
+    t.true(encrypts >= 1 && encrypts <= 8, `64 concurrent wraps took ${encrypts} encrypt requests`);
+    const opened = await Promise.all(copies.map((copy) => b.unwrap(...copy, signal())));
+    const decrypts = proxy.take()['transit/decrypt'] ?? 0;
+    t.true(decrypts >= 1 && decrypts <= 8, `64 concurrent unwraps took ${decrypts} decrypt requests`);
+    opened.forEach((key, index) => t.true(Buffer.from(key).equals(keys[index]!), `key ${index}`));
+  });
+
+  test('batching: maxItems 1 sends one request per data key', async (t) => {
+    const { proxy, b } = await countedBackend(t, { batch: { maxItems: 1 } });
+    const copies = await Promise.all(Array.from({ length: 16 }, () => wrapped(b, randomBytes(32))));
+    await Promise.all(copies.map((copy) => b.unwrap(...copy, signal())));
+    t.like(proxy.take(), { 'transit/encrypt': 16, 'transit/decrypt': 16 });
+  });
+
+  test('batching: a copy that does not open is refused alone; the others in the same request open', async (t) => {
+    const { proxy, b } = await countedBackend(t);
+    const keys = [randomBytes(32), randomBytes(32), randomBytes(32)];
+    const good = await Promise.all(keys.map((key) => wrapped(b, key)));
+    proxy.take();
+    const [moved, version] = good[0]!;
+    const tooNew = Buffer.from(`vault:v99:${randomBytes(60).toString('base64')}`);
+    const outcomes = await Promise.allSettled([
+      b.unwrap(moved, version, contextFor(b), signal()), // a copy moved to another envelope
+      ...good.map((copy) => b.unwrap(...copy, signal())),
+      b.unwrap(tooNew, '99', contextFor(b), signal()), // a version the key never had
+    ]);
+    t.is(proxy.take()['transit/decrypt'], 1, 'all five went in one request');
+    const refused = [outcomes[0], outcomes[4]].map((o): Error | undefined => (o?.status === 'rejected' ? (o.reason as Error) : undefined));
+    t.is(errorCodeOf(refused[0]), 'BACKEND_REJECTED');
+    t.regex(refused[0]?.message ?? '', /decrypt refused: HTTP 400 \(cipher: message authentication failed\)/);
+    t.is(errorCodeOf(refused[1]), 'BACKEND_REJECTED');
+    t.regex(refused[1]?.message ?? '', /decrypt refused: HTTP 400 \(invalid ciphertext: version is too new\)/);
+    outcomes.slice(1, 4).forEach((outcome, index) => {
+      t.is(outcome.status, 'fulfilled', `good copy ${index}`);
+      if (outcome.status === 'fulfilled') t.true(Buffer.from(outcome.value).equals(keys[index]!), `key ${index}`);
+    });
+  });
+
+  test('batching: a call that gives up while its request is held is answered at once, and the others still get their keys', async (t) => {
+    const proxy = await FaultProxy.start('openbao', address);
+    const b = backend({ method: 'token', tokenFile }, { address: `http://127.0.0.1:${proxy.port}` });
+    t.teardown(async () => {
+      await b.close();
+      await proxy.close();
+    });
+    const keys = [randomBytes(32), randomBytes(32), randomBytes(32)];
+    const copies = await Promise.all(keys.map((key) => wrapped(b, key)));
+    await proxy.hold();
+    const held = proxy.whenHolding();
+    const controllers = keys.map(() => new AbortController());
+    const calls = copies.map((copy, index) => b.unwrap(...copy, AbortSignal.any([controllers[index]!.signal, signal()])));
+    const first = calls[0]!.then(
+      () => 'opened',
+      (error: unknown) => error,
+    );
+    await held;
+    const reason = new Error('caller gave up');
+    controllers[0]!.abort(reason);
+    t.is(await first, reason, 'answered while the request is still held');
+    await proxy.pass();
+    const rest = await Promise.all(calls.slice(1));
+    rest.forEach((key, index) => t.true(Buffer.from(key).equals(keys[index + 1]!)));
   });
 }
