@@ -19,7 +19,9 @@
  * Phases:
  *   count    each plugin is started once more, pointed at a counting HTTP proxy in
  *            front of its servers, and driven for a second per operation: backend
- *            requests per Encrypt and per Decrypt (a cache would show as < 1). The
+ *            requests per Encrypt and per Decrypt (a cache would show as < 1; a
+ *            Vault batch request counts once under its path and once per data key
+ *            under "<path> keys"). The
  *            measured rounds run without the proxy (its own CPU would be measured).
  *   rounds   per round, per plugin (order rotated each round): Decrypt then Encrypt of
  *            `seconds` each; ops/s, p99, plugin CPU per 1,000 calls (/proc/PID/stat,
