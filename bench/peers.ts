@@ -32,7 +32,8 @@
  *
  * BENCH_PEERS=<id,id> limits the plugins (e.g. while profiling one of them), and can name
  * trousseau-local (a local key only: the plugin's own cost, no backend server);
- * BENCH_PEERS_BASELINE=DIR adds trousseau-aws-baseline, run from the checkout DIR;
+ * BENCH_PEERS_BASELINE=DIR adds trousseau-aws-baseline, -multi-baseline and -vault-baseline,
+ * run from the checkout DIR;
  * BENCH_PEERS_SKIP=count,outage skips those phases;
  * BENCH_PLUGIN_NODE_ARGS (e.g. --cpu-prof --cpu-prof-dir=DIR) applies to Trousseau.
  */
@@ -206,16 +207,23 @@ function trousseau(id: string, backends: ('aws' | 'vault' | 'local')[], from = r
 }
 
 /**
- * BENCH_PEERS_BASELINE=DIR adds `trousseau-aws-baseline`: the aws-only plugin run from
- * another checkout (e.g. a worktree of the commit before a change, with its own
- * node_modules), so that before and after are measured in the same run.
+ * BENCH_PEERS_BASELINE=DIR adds `trousseau-aws-baseline`, `trousseau-multi-baseline` and
+ * `trousseau-vault-baseline`: those plugins run from another checkout (e.g. a worktree of
+ * the commit before a change, with its own node_modules), so that before and after are
+ * measured in the same run.
  */
 const baseline = process.env.BENCH_PEERS_BASELINE;
 
 const ALL_PLUGINS: Plugin[] = [
   awsEncryptionProvider,
   trousseau('trousseau-aws', ['aws']),
-  ...(baseline ? [trousseau('trousseau-aws-baseline', ['aws'], path.resolve(baseline))] : []),
+  ...(baseline
+    ? [
+        trousseau('trousseau-aws-baseline', ['aws'], path.resolve(baseline)),
+        trousseau('trousseau-multi-baseline', ['aws', 'vault', 'local'], path.resolve(baseline)),
+        trousseau('trousseau-vault-baseline', ['vault'], path.resolve(baseline)),
+      ]
+    : []),
   trousseau('trousseau-multi', ['aws', 'vault', 'local']),
   vaultKubernetesKms,
   trousseau('trousseau-vault', ['vault']),
@@ -439,6 +447,10 @@ function ratios(summary: Record<string, Record<string, number>>): Record<string,
     ['trousseau-multi', 'aws-encryption-provider'],
     ['trousseau-vault', 'vault-kubernetes-kms'],
     ['trousseau-multi', 'trousseau-aws'],
+    ['trousseau-multi-baseline', 'trousseau-aws-baseline'],
+    ['trousseau-multi', 'trousseau-multi-baseline'],
+    ['trousseau-vault', 'trousseau-vault-baseline'],
+    ['trousseau-vault-baseline', 'vault-kubernetes-kms'],
   ];
   const out: Record<string, Record<string, number>> = {};
   for (const [a, b] of pairs) {
