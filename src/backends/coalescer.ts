@@ -8,9 +8,9 @@
  * go together in the next request as soon as one returns. So a lightly loaded plugin
  * sends one request per call, as it would without this class, and adds no delay; a
  * loaded one pays the per-request cost (HTTP, JSON, the server's token check and audit
- * entry) once per batch instead of once per data key. Measured against OpenBao: one
- * request per key costs the plugin 46-75 µs and the server 143-165 µs per key; four
- * keys per request 14 and 43 µs per key (docs/performance.md).
+ * entry) once per batch instead of once per data key. Measured against OpenBao with 16
+ * calls in flight: one request per key cost the plugin 109-118 µs and the server 203-208
+ * µs of CPU per key; batched, 19 and 35-38 µs (docs/performance.md).
  *
  * Each call keeps its own AbortSignal: a call aborted while it waits is never sent; one
  * aborted while its batch is in flight is answered at once, and the batch request itself
