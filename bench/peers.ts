@@ -25,13 +25,16 @@
  *            measured rounds run without the proxy (its own CPU would be measured).
  *   rounds   per round, per plugin (order rotated each round): Decrypt then Encrypt of
  *            `seconds` each; ops/s, p99, plugin CPU per 1,000 calls (/proc/PID/stat,
- *            warm-up calls included in the count), RSS at the end, load average.
+ *            warm-up calls included in the count), the servers', the client's and the
+ *            whole machine's CPU per 1,000 calls and how busy the cores were
+ *            (/proc/stat), RSS at the end, load average.
  *   outage   per plugin that uses AWS: Decrypt at concurrency 16 with per-second
  *            figures; local-kms is frozen (SIGSTOP) for OUTAGE_S seconds, then resumed
  *            (SIGCONT). Worst per-second p99 and errors while frozen and after.
  *
  * BENCH_PEERS=<id,id> limits the plugins (e.g. while profiling one of them), and can name
- * trousseau-local (a local key only: the plugin's own cost, no backend server);
+ * trousseau-local (a local key only: the plugin's own cost, no backend server),
+ * trousseau-aws-local and trousseau-aws-vault (what each backend adds to aws-only);
  * BENCH_PEERS_BASELINE=DIR adds trousseau-aws-baseline, -multi-baseline and -vault-baseline,
  * run from the checkout DIR;
  * BENCH_PEERS_SKIP=count,outage skips those phases;
@@ -232,9 +235,14 @@ const ALL_PLUGINS: Plugin[] = [
 /**
  * Run only when BENCH_PEERS names them. trousseau-local: one local key file, no
  * backend server: the plugin's own cost per call (gRPC, engine, envelope), the floor
- * under every backend's.
+ * under every backend's. trousseau-aws-local and trousseau-aws-vault (quorum 2, both
+ * copies required): what each backend adds to aws-only, to take trousseau-multi apart.
  */
-const OPTIONAL_PLUGINS: Plugin[] = [trousseau('trousseau-local', ['local'])];
+const OPTIONAL_PLUGINS: Plugin[] = [
+  trousseau('trousseau-local', ['local']),
+  trousseau('trousseau-aws-local', ['aws', 'local']),
+  trousseau('trousseau-aws-vault', ['aws', 'vault']),
+];
 
 interface GoloadResult {
   ops: number;
@@ -243,6 +251,7 @@ interface GoloadResult {
   p50: number;
   p99: number;
   warmup: number;
+  clientCpuSeconds?: number;
   errorExamples: string[];
   seconds?: { ok: number; errors: number; p99: number | null }[];
 }
@@ -263,19 +272,56 @@ interface Cell {
   p99: number;
   errors: number;
   cpuMsPer1000: number;
+  /**
+   * Where the rest of the machine's CPU went in the same interval, per 1,000 calls: the
+   * backend servers (local-kms, OpenBao), the client, and every process together; and
+   * how busy the machine's cores were (100 % = all of them). On a machine whose cores
+   * the plugin shares with its servers and client, a plugin that makes more backend
+   * calls per operation also takes more of the servers' CPU.
+   */
+  serversCpuMsPer1000: Record<string, number>;
+  clientCpuMsPer1000: number;
+  machineCpuMsPer1000: number;
+  machineBusyPercent: number;
   rssMiB: number;
   load: string;
 }
 
-async function measure(pid: number, socket: string, op: 'encrypt' | 'decrypt', seconds: number, roundNumber: number): Promise<Cell> {
+/** Busy and total CPU ticks of the whole machine so far (/proc/stat, first line; idle and iowait count as not busy). */
+function machineTicks(): { busy: number; total: number } {
+  const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const total = fields.reduce((a, b) => a + b, 0);
+  return { busy: total - fields[3]! - fields[4]!, total };
+}
+
+async function measure(pid: number, socket: string, op: 'encrypt' | 'decrypt', seconds: number, roundNumber: number, servers: Record<string, number>): Promise<Cell> {
   const load = loadAverage();
   const before = cpuSeconds(pid);
+  const serversBefore = Object.fromEntries(Object.entries(servers).map(([name, p]) => [name, cpuSeconds(p)]));
+  const machineBefore = machineTicks();
   const r = await goload(['-socket', socket, '-op', op, '-concurrency', String(CONCURRENCY), '-seconds', String(seconds), '-warmup', String(WARMUP)]);
   const cpu = cpuSeconds(pid) - before;
+  const machineAfter = machineTicks();
   // Every call the plugin answered in that time: measured, failed, warm-up, goload's first Encrypt.
   const calls = r.ops + r.errors + r.warmup + 1;
+  const per1000 = (cpuS: number) => round((cpuS * 1e6) / calls, 0);
+  const machineBusy = machineAfter.busy - machineBefore.busy;
   if (r.errors > 0) console.error(`peers: ${op} errors: ${r.errorExamples.join(' | ')}`);
-  return { round: roundNumber, opsPerSec: r.opsPerSec, p50: r.p50, p99: r.p99, errors: r.errors, cpuMsPer1000: round((cpu * 1e6) / calls, 0), rssMiB: rssMiB(pid), load };
+  return {
+    round: roundNumber,
+    opsPerSec: r.opsPerSec,
+    p50: r.p50,
+    p99: r.p99,
+    errors: r.errors,
+    cpuMsPer1000: per1000(cpu),
+    serversCpuMsPer1000: Object.fromEntries(Object.entries(servers).map(([name, p]) => [name, per1000(cpuSeconds(p) - serversBefore[name]!)])),
+    clientCpuMsPer1000: per1000(r.clientCpuSeconds ?? NaN),
+    // /proc/stat counts in clock ticks of 10 ms.
+    machineCpuMsPer1000: per1000(machineBusy / 100),
+    machineBusyPercent: round((100 * machineBusy) / (machineAfter.total - machineBefore.total), 0),
+    rssMiB: rssMiB(pid),
+    load,
+  };
 }
 
 /** Backend requests per Encrypt and per Decrypt, seen by counting proxies in front of the servers. */
@@ -383,23 +429,24 @@ export async function runPeers(options: PeersOptions = {}): Promise<Record<strin
       const own = await mkdtemp(path.join(dir, `${plugin.id}-`));
       running.push({ plugin, ...(await plugin.start(own, servers)) });
     }
+    const serverPids: Record<string, number> = { 'local-kms': kms.child.pid!, openbao: Number(readFileSync(path.join(root, '.servers', 'openbao.pid'), 'utf8')) };
     const cells = new Map<string, { decrypt: Cell[]; encrypt: Cell[] }>(plugins.map((p) => [p.id, { decrypt: [], encrypt: [] }]));
     for (let r = 1; r <= rounds; r++) {
       // Rotated each round, so no plugin always runs right after the same neighbour.
       const order = running.map((_, i) => running[(i + r - 1) % running.length]!);
       for (const { plugin, child, socket } of order) {
         for (const op of ['decrypt', 'encrypt'] as const) {
-          const cell = await measure(child.pid!, socket, op, seconds, r);
+          const cell = await measure(child.pid!, socket, op, seconds, r, serverPids);
           cells.get(plugin.id)![op].push(cell);
           console.error(
-            `peers round ${r} ${plugin.id.padEnd(24)} ${op.padEnd(7)} ${String(cell.opsPerSec).padStart(6)}/s  p99 ${cell.p99.toFixed(2).padStart(7)} ms  CPU ${String(cell.cpuMsPer1000).padStart(4)} ms/1000  RSS ${cell.rssMiB} MiB  errors ${cell.errors}  (load ${cell.load})`,
+            `peers round ${r} ${plugin.id.padEnd(24)} ${op.padEnd(7)} ${String(cell.opsPerSec).padStart(6)}/s  p99 ${cell.p99.toFixed(2).padStart(7)} ms  CPU ${String(cell.cpuMsPer1000).padStart(4)} ms/1000 (servers ${Object.entries(cell.serversCpuMsPer1000).map(([n, v]) => `${n} ${v}`).join(', ')}; client ${cell.clientCpuMsPer1000}; machine ${cell.machineCpuMsPer1000}, ${cell.machineBusyPercent} % busy)  RSS ${cell.rssMiB} MiB  errors ${cell.errors}  (load ${cell.load})`,
           );
         }
       }
     }
     const summary: Record<string, Record<string, number>> = {};
     for (const [id, { decrypt, encrypt }] of cells) {
-      const m = (cs: Cell[], key: 'opsPerSec' | 'p99' | 'cpuMsPer1000') => round(median(cs.map((c) => c[key])), key === 'p99' ? 2 : 0);
+      const m = (cs: Cell[], key: 'opsPerSec' | 'p99' | 'cpuMsPer1000' | 'machineCpuMsPer1000' | 'machineBusyPercent') => round(median(cs.map((c) => c[key])), key === 'p99' ? 2 : 0);
       summary[id] = {
         decryptPerSec: m(decrypt, 'opsPerSec'),
         decryptP99Ms: m(decrypt, 'p99'),
@@ -407,6 +454,10 @@ export async function runPeers(options: PeersOptions = {}): Promise<Record<strin
         encryptPerSec: m(encrypt, 'opsPerSec'),
         encryptP99Ms: m(encrypt, 'p99'),
         encryptCpuMsPer1000: m(encrypt, 'cpuMsPer1000'),
+        decryptMachineCpuMsPer1000: m(decrypt, 'machineCpuMsPer1000'),
+        encryptMachineCpuMsPer1000: m(encrypt, 'machineCpuMsPer1000'),
+        decryptMachineBusyPercent: m(decrypt, 'machineBusyPercent'),
+        encryptMachineBusyPercent: m(encrypt, 'machineBusyPercent'),
         rssMiB: Math.max(...[...decrypt, ...encrypt].map((c) => c.rssMiB)),
         errors: [...decrypt, ...encrypt].reduce((n, c) => n + c.errors, 0),
       };
