@@ -5,6 +5,7 @@
  */
 import type { Logger } from 'pino';
 import type { KeyBackend } from './backends/backend.ts';
+import type { BackendMetrics } from './backends/definition.ts';
 import { definitionFor } from './backends/registry.ts';
 import type { Config } from './config/schema.ts';
 import path from 'node:path';
@@ -80,7 +81,7 @@ export class Plugin implements KmsCore {
 
   /** The plugin with its backends built from the configuration (each loads its SDK: definition.ts). */
   static async create(options: PluginOptions): Promise<Plugin> {
-    const backends = options.backends ?? (await Promise.all(options.config.backends.map((b) => buildBackend(b, options.baseDir, options.logger))));
+    const backends = options.backends ?? (await Promise.all(options.config.backends.map((b) => buildBackend(b, options.baseDir, options.logger, options.metrics))));
     return new Plugin({ ...options, backends });
   }
 
@@ -252,11 +253,14 @@ export class Plugin implements KmsCore {
   }
 }
 
-async function buildBackend(config: Config['backends'][number], baseDir: string, logger: Logger): Promise<KeyBackend> {
+async function buildBackend(config: Config['backends'][number], baseDir: string, logger: Logger, metrics: Metrics): Promise<KeyBackend> {
   const definition = definitionFor(config.type);
+  const backendMetrics: BackendMetrics = {
+    keysPerRequest: (operation, keys) => metrics.backendKeysPerRequest.observe({ backend: config.name, operation }, keys),
+  };
   try {
     if (!definition) throw new Error(`unknown backend type ${config.type}`);
-    return await definition.create(config, { logger: logger.child({ backend: config.name }), baseDir });
+    return await definition.create(config, { logger: logger.child({ backend: config.name }), baseDir, metrics: backendMetrics });
   } catch (error) {
     const reason = error instanceof TrousseauError ? error.message : 'construction failed';
     // Our messages name paths and reasons, never values, so the reason is logged too (a refused credential file says which and why).

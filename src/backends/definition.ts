@@ -29,6 +29,18 @@ export interface BackendDependencies {
   logger: Logger;
   /** Folder relative paths in the configuration are resolved against. */
   baseDir: string;
+  /** Where the backend reports what only it can see; absent in tools and tests that build a backend alone. */
+  metrics?: BackendMetrics;
+}
+
+/**
+ * Measurements only a backend can make. The engine times and counts every call around
+ * the backend (engine/guarded-backend.ts); what it cannot see is how the backend sends
+ * them, e.g. several data keys in one server request.
+ */
+export interface BackendMetrics {
+  /** One request to the server carried `keys` data keys (a backend that batches: backends/coalescer.ts). */
+  keysPerRequest(operation: 'wrap' | 'unwrap', keys: number): void;
 }
 
 export interface BackendDefinition<Schema extends z.ZodObject = z.ZodObject> {

@@ -33,7 +33,7 @@ import { readCredentialFile } from '../config/trusted-path.ts';
 import { TrousseauError } from '../errors.ts';
 import { contextBytes, type KeyBackend, type WrapContext, type WrappedKey } from './backend.ts';
 import { Coalescer } from './coalescer.ts';
-import { commonBackendFields, type BackendDefinition } from './definition.ts';
+import { commonBackendFields, type BackendDefinition, type BackendMetrics } from './definition.ts';
 
 // The CommonJS modules, not ESM imports: importing node:http from ESM builds its
 // namespace, which reads the lazy WebSocket getters and so loads Node's bundled undici
@@ -181,7 +181,7 @@ export const vaultBackend: BackendDefinition<typeof vaultConfigSchema> = {
   configSchema: vaultConfigSchema,
   create: async (config, deps) => {
     await loadVaultSdk();
-    return new VaultBackend(config, { baseDir: deps.baseDir, logger: deps.logger });
+    return new VaultBackend(config, { baseDir: deps.baseDir, logger: deps.logger, metrics: deps.metrics });
   },
 };
 
@@ -197,6 +197,8 @@ export interface VaultBackendOptions {
   /** Folder relative file paths are resolved against. */
   baseDir: string;
   logger?: Logger;
+  /** Told the size of every transit request (data keys per batch). */
+  metrics?: BackendMetrics;
 }
 
 type VaultClient = ReturnType<typeof NodeVaultModule>;
@@ -239,6 +241,7 @@ export class VaultBackend implements KeyBackend {
   private readonly config: VaultBackendConfig;
   private readonly baseDir: string;
   private readonly logger: Logger | undefined;
+  private readonly metrics: BackendMetrics | undefined;
   private readonly client: VaultClient;
   private readonly httpAgent = new httpModule.Agent({ keepAlive: true });
   private httpsAgent: https.Agent | undefined;
@@ -262,6 +265,7 @@ export class VaultBackend implements KeyBackend {
     this.name = config.name;
     this.config = config;
     this.baseDir = options.baseDir;
+    this.metrics = options.metrics;
     // The plugin hands every backend a logger already bound to its name (plugin.ts):
     // binding it again would write the "backend" key twice in every line.
     const named = options.logger?.bindings().backend === config.name;
@@ -394,6 +398,7 @@ export class VaultBackend implements KeyBackend {
   ): Promise<Array<R | Error>> {
     const signal = AbortSignal.any([batchSignal, this.lifetime.signal]);
     const input = items.map((item, index) => ({ ...item, reference: String(index) }));
+    this.metrics?.keysPerRequest(what === 'encrypt' ? 'wrap' : 'unwrap', items.length);
     const answer = await this.call(what, signal, (token) =>
       this.client.write(`${this.config.transitMount}/${what}/${this.config.keyName}`, { batch_input: input }, this.requestOptions(token, signal)).then(
         (body: unknown) => ({ status: 200, body }),

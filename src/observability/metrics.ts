@@ -177,6 +177,15 @@ export class Metrics {
     registers: [this.registry],
   });
 
+  /** Observed by backends that send several data keys in one request (the Vault backend's batches). */
+  readonly backendKeysPerRequest = new Histogram({
+    name: 'trousseau_backend_keys_per_request',
+    help: 'Data keys carried by each request to a backend that batches them (1 = not batched), by operation.',
+    labelNames: ['backend', 'operation'] as const,
+    buckets: [1, 2, 4, 8, 16, 32, 64, 128, 256],
+    registers: [this.registry],
+  });
+
   readonly credentialExpiry = new Gauge({
     name: 'trousseau_backend_credential_expiry_timestamp_seconds',
     help: 'Unix time the backend\'s current token or credential expires, for backends that know it.',

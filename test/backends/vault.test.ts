@@ -19,6 +19,7 @@ import { CountingProxy, vaultOperation } from '../../bench/counting-proxy.ts';
 import { FaultProxy } from '../chaos/fault-proxy.ts';
 import type { WrapContext } from '../../src/backends/backend.ts';
 import { loadVaultSdk, VaultBackend, vaultConfigSchema } from '../../src/backends/vault.ts';
+import type { BackendMetrics } from '../../src/backends/definition.ts';
 import { errorCodeOf } from '../../src/errors.ts';
 import { runBackendConformance } from './conformance.ts';
 import { requireServer, requireVar } from '../helpers/servers.ts';
@@ -139,7 +140,7 @@ if ('missing' in server) {
     return { key, policy };
   }
 
-  function backend(auth: Record<string, unknown>, overrides: Record<string, unknown> = {}): VaultBackend {
+  function backend(auth: Record<string, unknown>, overrides: Record<string, unknown> = {}, metrics?: BackendMetrics): VaultBackend {
     const config = vaultConfigSchema.parse({
       name: 'vault-test',
       type: 'vault',
@@ -149,7 +150,7 @@ if ('missing' in server) {
       auth,
       ...overrides,
     });
-    return new VaultBackend(config, { baseDir: work });
+    return new VaultBackend(config, { baseDir: work, metrics });
   }
 
   runBackendConformance(test, {
@@ -646,9 +647,9 @@ if ('missing' in server) {
   // ------------------------------------------------------------ batch requests
 
   /** The backend pointed at a proxy that counts the requests reaching OpenBao, warmed up (token read, key read). */
-  async function countedBackend(t: ExecutionContext, overrides: Record<string, unknown> = {}) {
+  async function countedBackend(t: ExecutionContext, overrides: Record<string, unknown> = {}, metrics?: BackendMetrics) {
     const proxy = await CountingProxy.start(address, vaultOperation);
-    const b = backend({ method: 'token', tokenFile }, { address: proxy.url, ...overrides });
+    const b = backend({ method: 'token', tokenFile }, { address: proxy.url, ...overrides }, metrics);
     t.teardown(async () => {
       await b.close();
       await proxy.close();
@@ -674,6 +675,21 @@ if ('missing' in server) {
     const decrypts = proxy.take()['transit/decrypt'] ?? 0;
     t.true(decrypts >= 1 && decrypts <= 8, `64 concurrent unwraps took ${decrypts} decrypt requests`);
     opened.forEach((key, index) => t.true(Buffer.from(key).equals(keys[index]!), `key ${index}`));
+  });
+
+  test('batching: each transit request reports how many data keys it carried', async (t) => {
+    const reported: Array<{ operation: string; keys: number }> = [];
+    const { proxy, b } = await countedBackend(t, {}, { keysPerRequest: (operation, keys) => reported.push({ operation, keys }) });
+    reported.length = 0; // the warm-up's wrap and unwrap
+    const copies = await Promise.all(Array.from({ length: 48 }, () => wrapped(b, randomBytes(32))));
+    await Promise.all(copies.map((copy) => b.unwrap(...copy, signal())));
+    const requests = proxy.take();
+    for (const [operation, path] of [['wrap', 'transit/encrypt'], ['unwrap', 'transit/decrypt']] as const) {
+      const sizes = reported.filter((r) => r.operation === operation).map((r) => r.keys);
+      t.is(sizes.length, requests[path] ?? 0, `${operation}: one report per request`);
+      t.is(sizes.reduce((a, b) => a + b, 0), 48, `${operation}: every key counted once`);
+      t.true(Math.max(...sizes) > 1, `${operation}: batched (${sizes.join(', ')})`);
+    }
   });
 
   test('batching: maxItems 1 sends one request per data key', async (t) => {

@@ -2,7 +2,8 @@
  * trousseau_backend_credential_expiry_timestamp_seconds from a plugin whose Vault
  * backend logs in with AppRole against the real OpenBao server
  * (test/servers/openbao.server.sh); local backends, which have no credential to
- * expire, must not get a series.
+ * expire, must not get a series. The same plugin shows that backends get a metrics
+ * handle: trousseau_backend_keys_per_request has the Vault backend's requests.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -86,5 +87,10 @@ if ('missing' in server) {
     // due for renewal), so it expires at most 20 minutes from now, in seconds.
     const remaining = value - before / 1000;
     t.true(remaining > 19 * 60 && remaining <= 20 * 60, `gauge ${value}: ${remaining} s from now`);
+    // The plugin also hands each backend its metrics: the verification's wrap went to
+    // transit as a request of one data key.
+    const sizes = await metrics.registry.getSingleMetricAsString('trousseau_backend_keys_per_request');
+    t.regex(sizes, /trousseau_backend_keys_per_request_count\{backend="vault-a",operation="wrap"\} [1-9]/);
+    t.false(sizes.includes('local-a'), 'a local backend sends no requests');
   });
 }
