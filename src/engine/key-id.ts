@@ -34,13 +34,23 @@ export interface KeyIdState {
   missing: string[];
 }
 
-function digest(parts: unknown): string {
-  return createHash('sha256').update(JSON.stringify(parts)).digest('hex').slice(0, 40);
+function digest(text: string): string {
+  return createHash('sha256').update(text).digest('hex').slice(0, 40);
 }
+
+/** How many distinct key_id inputs are remembered (full, partial ones, rotations) before the memo starts afresh. */
+const MEMO_ENTRIES = 16;
 
 export class KeyIdTracker {
   private last: KeyIdState | undefined;
-  private readonly backends: readonly GuardedBackend[];
+  /** The configured backends, in key_id order (by name): the set never changes while the plugin runs. */
+  private readonly byName: readonly GuardedBackend[];
+  /**
+   * Digests already computed, by their input (names, types, key versions: nothing
+   * secret). Every Encrypt asks for its envelope's key_id, and the inputs change only
+   * when a key rotates or a backend's health does.
+   */
+  private readonly memo = new Map<string, string>();
   private readonly quorum: number;
   private readonly recoverAfterMs: number;
   private readonly metrics: Metrics;
@@ -52,7 +62,7 @@ export class KeyIdTracker {
     recoverAfterMs: number,
     metrics: Metrics,
     logger: Logger) {
-    this.backends = backends;
+    this.byName = [...backends].sort((a, b) => (a.name < b.name ? -1 : 1));
     this.quorum = quorum;
     this.recoverAfterMs = recoverAfterMs;
     this.metrics = metrics;
@@ -110,17 +120,28 @@ export class KeyIdTracker {
     return sorted.filter((b) => b.settledHealthy(this.recoverAfterMs) && b.knownKeyVersion !== undefined);
   }
 
-  private sorted(): GuardedBackend[] {
-    return [...this.backends].sort((a, b) => (a.name < b.name ? -1 : 1));
+  private sorted(): readonly GuardedBackend[] {
+    return this.byName;
   }
 
   private stateFor(sorted: readonly GuardedBackend[], healthy: readonly GuardedBackend[]): KeyIdState {
     const describe = (b: GuardedBackend) => [b.name, b.kind, b.knownKeyVersion];
     if (healthy.length === sorted.length) {
-      return { keyId: KEY_ID_PREFIX + digest(['full', this.quorum, sorted.map(describe)]), partial: false, missing: [] };
+      return { keyId: KEY_ID_PREFIX + this.digestOf(['full', this.quorum, sorted.map(describe)]), partial: false, missing: [] };
     }
     const missing = sorted.filter((b) => !healthy.includes(b)).map((b) => b.name);
-    return { keyId: `${KEY_ID_PREFIX}${digest(['partial', this.quorum, healthy.map(describe), missing])}-partial`, partial: true, missing };
+    return { keyId: `${KEY_ID_PREFIX}${this.digestOf(['partial', this.quorum, healthy.map(describe), missing])}-partial`, partial: true, missing };
+  }
+
+  private digestOf(parts: unknown): string {
+    const text = JSON.stringify(parts);
+    let known = this.memo.get(text);
+    if (known === undefined) {
+      if (this.memo.size >= MEMO_ENTRIES) this.memo.clear();
+      known = digest(text);
+      this.memo.set(text, known);
+    }
+    return known;
   }
 
   private adopt(next: KeyIdState): KeyIdState {

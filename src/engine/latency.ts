@@ -1,42 +1,76 @@
 /**
- * Recent latencies of one backend, kept in a fixed ring so memory never grows
- * (opossum's rolling percentiles keep every sample: we turn those off). Percentiles
- * are recomputed lazily, at most once per `RECOMPUTE_EVERY` new samples, because the
- * hedging decision reads p95 on every Decrypt.
+ * Recent latencies of one backend (or of an admission queue's slot holds), kept in a
+ * fixed ring so memory never grows (opossum's rolling percentiles keep every sample:
+ * we turn those off).
+ *
+ * The same samples are also kept in ascending order, updated on every record (one
+ * binary search and one move of at most CAPACITY numbers each way), so a percentile
+ * is an index, always current. Why not sort a copy when asked: percentiles are read on
+ * every call (admission's expected hold, the hedge delay, the straggler grace), and a
+ * sorted copy of a Float64Array allocates a new ArrayBuffer each time; with three
+ * backends that was ~20 µs of every Encrypt, garbage collection included
+ * (docs/performance.md, "The engine's cost per backend").
  */
 const CAPACITY = 256;
-const RECOMPUTE_EVERY = 16;
 
 export class LatencyWindow {
-  private readonly samples = new Float64Array(CAPACITY);
+  /** Samples in arrival order; `next` is where the next one goes (the oldest, once full). */
+  private readonly ring = new Float64Array(CAPACITY);
+  /** The same samples, ascending; its first `count` entries are in use. */
+  private readonly ascending = new Float64Array(CAPACITY);
   private count = 0;
   private next = 0;
-  private sorted: Float64Array | undefined;
-  private sinceSort = 0;
 
+  /** Record one latency in milliseconds; a value that is not a number is ignored. */
   record(milliseconds: number): void {
-    this.samples[this.next] = milliseconds;
+    if (Number.isNaN(milliseconds)) return;
+    if (this.count === CAPACITY) {
+      // The oldest sample leaves: it is in `ascending` (same value), remove one copy.
+      const at = this.firstAtLeast(this.ring[this.next]!);
+      this.ascending.copyWithin(at, at + 1, this.count);
+      this.count--;
+    }
+    const at = this.firstAbove(milliseconds);
+    this.ascending.copyWithin(at + 1, at, this.count);
+    this.ascending[at] = milliseconds;
+    this.count++;
+    this.ring[this.next] = milliseconds;
     this.next = (this.next + 1) % CAPACITY;
-    this.count = Math.min(this.count + 1, CAPACITY);
-    if (++this.sinceSort >= RECOMPUTE_EVERY || this.count < RECOMPUTE_EVERY) this.sorted = undefined;
   }
 
   get size(): number {
     return this.count;
   }
 
-  /** The p-th percentile (0..100) in milliseconds, or undefined before any sample. */
+  /** The p-th percentile (0..100) of the recent samples in milliseconds (nearest rank), or undefined before any sample. */
   percentile(p: number): number | undefined {
     if (this.count === 0) return undefined;
-    if (!this.sorted) {
-      this.sorted = this.samples.slice(0, this.count).sort();
-      this.sinceSort = 0;
+    const index = Math.min(this.count - 1, Math.max(0, Math.ceil((p / 100) * this.count) - 1));
+    return this.ascending[index];
+  }
+
+  /** Index of the first sample in `ascending` that is >= value. */
+  private firstAtLeast(value: number): number {
+    let low = 0;
+    let high = this.count;
+    while (low < high) {
+      const mid = (low + high) >>> 1;
+      if (this.ascending[mid]! < value) low = mid + 1;
+      else high = mid;
     }
-    // The sorted copy may be up to RECOMPUTE_EVERY samples stale, hence shorter than
-    // `count`: index into it by its own length, or p95 reads past its end (NaN delays).
-    const n = this.sorted.length;
-    const index = Math.min(n - 1, Math.max(0, Math.ceil((p / 100) * n) - 1));
-    return this.sorted[index];
+    return low;
+  }
+
+  /** Index of the first sample in `ascending` that is > value (a new sample goes after its equals). */
+  private firstAbove(value: number): number {
+    let low = 0;
+    let high = this.count;
+    while (low < high) {
+      const mid = (low + high) >>> 1;
+      if (this.ascending[mid]! <= value) low = mid + 1;
+      else high = mid;
+    }
+    return low;
   }
 }
 
