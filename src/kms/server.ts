@@ -60,7 +60,9 @@ export const DEFAULT_CONNECTION_LIMITS: ConnectionLimits = { maxConcurrentStream
  *   a GOAWAY and 30 s for its calls to finish: any client reconnects transparently;
  * - Node's HTTP/2 session memory per connection is capped at 64 MiB (past it Node
  *   refuses new streams on that connection): whatever the stream bound, one
- *   connection's buffered requests and unread responses stay under it.
+ *   connection's buffered requests and unread responses stay under it;
+ * - the streams Node's HTTP/2 layer refuses by itself never end the connection
+ *   (MAX_SESSION_REJECTED_STREAMS below).
  */
 const RECEIVE_LIMITS = { receiveTimeoutMs: 2000, maxReceiving: 256 };
 const KEEPALIVE_TIME_MS = 60_000;
@@ -68,6 +70,22 @@ const KEEPALIVE_TIMEOUT_MS = 20_000;
 const MAX_CONNECTION_AGE_MS = 3_600_000;
 const MAX_CONNECTION_AGE_GRACE_MS = 30_000;
 const MAX_SESSION_MEMORY_MB = 64;
+
+/**
+ * Node's HTTP/2 layer refuses a new stream by itself (RST_STREAM ENHANCE_YOUR_CALM)
+ * when its own table of the connection's streams is full. Under a burst the client
+ * sits at the stream bound and opens a stream the moment the server closes one, and
+ * Node's table drops a closed stream only when its close event has run: each such
+ * race is a refused stream (tens to hundreds in a 5,000-call burst). Past 100 refusals
+ * over a connection's whole life (Node's default, against CVE-2019-9514's stream
+ * floods) Node ends the connection with GOAWAY INTERNAL_ERROR, failing every call on
+ * it: the apiserver's one connection, dropped by the second or third burst. The peer
+ * here is the apiserver behind a 0600 socket, a refusal costs Node no JavaScript, and
+ * the stream bound, the receive guard and the session memory cap still bound what a
+ * connection holds, so the count is made too large to be reached in the connection's
+ * age limit (an hour) at any burst rate the socket sees.
+ */
+const MAX_SESSION_REJECTED_STREAMS = 2 ** 31 - 1;
 /** How often the socket path is checked to still be our socket. */
 const SOCKET_CHECK_MS = 1000;
 
@@ -103,6 +121,7 @@ export class KmsServer {
       // guard or anything else spends a thing on a call it refuses.
       interceptors: [receiveGuard(RECEIVE_LIMITS, metrics, logger), ...(core.admission ? [admissionGate(core.admission, metrics, logger, limits.refusalHoldMs)] : [])],
     });
+    allowRejectedStreams(this.server, logger);
     this.context = { core, metrics, logger, inFlight: new Set() };
     this.server.addService(V2Service.service, v2Handlers(this.context));
     this.server.addService(V1Service.service, v1Handlers(this.context));
@@ -195,4 +214,20 @@ export class KmsServer {
   get inFlight(): number {
     return this.context.inFlight.size;
   }
+}
+
+/**
+ * grpc-js passes no option for Node's `maxSessionRejectedStreams` (see
+ * MAX_SESSION_REJECTED_STREAMS), but builds each HTTP/2 server at bind time from the
+ * options object it keeps; the option is added there. Should a grpc-js release no
+ * longer keep it, the plugin still runs with Node's default, and says so
+ * (test/reliability/overload.test.ts fails then too).
+ */
+function allowRejectedStreams(server: grpc.Server, logger: Logger): void {
+  const options = (server as unknown as { commonServerOptions?: Record<string, unknown> }).commonServerOptions;
+  if (typeof options !== 'object' || options === null) {
+    logger.error('grpc-js keeps no HTTP/2 server options: a connection will be ended after 100 streams refused by Node\'s HTTP/2 layer');
+    return;
+  }
+  options.maxSessionRejectedStreams = MAX_SESSION_REJECTED_STREAMS;
 }

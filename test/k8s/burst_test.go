@@ -1,0 +1,94 @@
+package k8s
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	grpcstatus "google.golang.org/grpc/status"
+)
+
+// 10. Bursts on the apiserver's one connection never cost the connection.
+//
+// kube-apiserver's own KMS v2 client (one gRPC connection) sends bursts of Encrypts
+// beyond the plugin's stream bound. grpc-go opens a stream the moment the server
+// closes one; Node's HTTP/2 layer drops a closed stream from its table only once the
+// stream's close event has run, and refuses a new stream meanwhile (RST_STREAM
+// ENHANCE_YOUR_CALM: ResourceExhausted for that call alone). After 100 such refusals
+// over a connection's life Node's default ends the whole connection (GOAWAY
+// INTERNAL_ERROR), and every call on it fails with it. Each call here must be served,
+// refused ("overloaded"), refused by Node's HTTP/2 layer or past its deadline; none may
+// fail with the connection.
+func TestS10_BurstsKeepTheConnection(t *testing.T) {
+	p := newPlugin(t, "burst")
+	config, err := os.ReadFile(p.configPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = config
+	p.start()
+	svc := newStatusClient(t, p.endpoint())
+
+	kinds := map[string]int{}
+	examples := map[string]string{}
+	var mu sync.Mutex
+	// Bursts until Node has refused more than 100 streams on this connection (what its
+	// default tolerates over a connection's life), at most maxBursts.
+	const maxBursts, size = 12, 5000
+	bursts := 0
+	for ; bursts < maxBursts && kinds[refusedByNode] <= 100; bursts++ {
+		burst := bursts
+		var wg sync.WaitGroup
+		for i := 0; i < size; i++ {
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+				defer cancel()
+				_, err := svc.Encrypt(ctx, fmt.Sprintf("burst-%d-%d", burst, i), []byte("a 32-byte DEK seed, not a secret"))
+				kind := classifyBurstAnswer(err)
+				mu.Lock()
+				kinds[kind]++
+				if err != nil && examples[kind] == "" {
+					examples[kind] = err.Error()
+				}
+				mu.Unlock()
+			}(i)
+		}
+		wg.Wait()
+	}
+	t.Logf("%d Encrypts in %d bursts on one connection: %v", bursts*size, bursts, kinds)
+	if kinds[refusedByNode] <= 100 {
+		t.Logf("Node refused only %d streams in %d bursts: too few to show the connection survives past 100", kinds[refusedByNode], bursts)
+	}
+	if n := kinds["failed with the connection"]; n > 0 {
+		t.Errorf("%d calls failed with the connection, e.g. %s", n, examples["failed with the connection"])
+	}
+	if kinds["ok"] < bursts*size/2 {
+		t.Errorf("only %d of %d Encrypts were served", kinds["ok"], bursts*size)
+	}
+}
+
+const refusedByNode = "refused by Node's HTTP/2 layer"
+
+func classifyBurstAnswer(err error) string {
+	if err == nil {
+		return "ok"
+	}
+	st, _ := grpcstatus.FromError(err)
+	switch {
+	case st.Code() == codes.Unavailable && strings.Contains(st.Message(), "overloaded"):
+		return "overloaded"
+	case st.Code() == codes.ResourceExhausted && strings.Contains(st.Message(), "ENHANCE_YOUR_CALM"):
+		return refusedByNode
+	case st.Code() == codes.DeadlineExceeded:
+		return "deadline"
+	default:
+		return "failed with the connection"
+	}
+}
