@@ -221,7 +221,7 @@ export class KmsServer {
  * MAX_SESSION_REJECTED_STREAMS), but builds each HTTP/2 server at bind time from the
  * options object it keeps; the option is added there. Should a grpc-js release no
  * longer keep it, the plugin still runs with Node's default, and says so
- * (test/reliability/overload.test.ts fails then too).
+ * (test/k8s/burst_test.go, TestS10_BurstsKeepTheConnection, fails then too).
  */
 function allowRejectedStreams(server: grpc.Server, logger: Logger): void {
   const options = (server as unknown as { commonServerOptions?: Record<string, unknown> }).commonServerOptions;
