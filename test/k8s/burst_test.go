@@ -3,7 +3,6 @@ package k8s
 import (
 	"context"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -26,11 +25,6 @@ import (
 // fail with the connection.
 func TestS10_BurstsKeepTheConnection(t *testing.T) {
 	p := newPlugin(t, "burst")
-	config, err := os.ReadFile(p.configPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = config
 	p.start()
 	svc := newStatusClient(t, p.endpoint())
 
