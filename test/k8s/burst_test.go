@@ -18,11 +18,17 @@ import (
 // beyond the plugin's stream bound. grpc-go opens a stream the moment the server
 // closes one; Node's HTTP/2 layer drops a closed stream from its table only once the
 // stream's close event has run, and refuses a new stream meanwhile (RST_STREAM
-// ENHANCE_YOUR_CALM: ResourceExhausted for that call alone). After 100 such refusals
-// over a connection's life Node's default ends the whole connection (GOAWAY
-// INTERNAL_ERROR), and every call on it fails with it. Each call here must be served,
-// refused ("overloaded"), refused by Node's HTTP/2 layer or past its deadline; none may
-// fail with the connection.
+// ENHANCE_YOUR_CALM: ResourceExhausted for that call alone). The client answers a
+// refusal with the next stream at once, so on a busy event loop they come in runs, and
+// after more than 100 in a row (the count restarts when a stream is accepted) Node's
+// default ends the whole connection (GOAWAY INTERNAL_ERROR): every call on it fails
+// with it. Each call here must be served, refused ("overloaded"), refused by Node's
+// HTTP/2 layer or past its deadline; none may fail with the connection.
+//
+// Whether a run of 100 happens in these bursts depends on the machine (it did in 4 of
+// 6 runs without the fix on a slow one, never on a faster one): the regression test
+// that provokes it every time is test/reliability/rejected-streams.test.ts. This one
+// checks the same with the apiserver's own client and a realistic load.
 func TestS10_BurstsKeepTheConnection(t *testing.T) {
 	p := newPlugin(t, "burst")
 	p.start()
@@ -31,12 +37,8 @@ func TestS10_BurstsKeepTheConnection(t *testing.T) {
 	kinds := map[string]int{}
 	examples := map[string]string{}
 	var mu sync.Mutex
-	// Bursts until Node has refused more than 100 streams on this connection (what its
-	// default tolerates over a connection's life), at most maxBursts.
-	const maxBursts, size = 12, 5000
-	bursts := 0
-	for ; bursts < maxBursts && kinds[refusedByNode] <= 100; bursts++ {
-		burst := bursts
+	const bursts, size = 4, 5000
+	for burst := 0; burst < bursts; burst++ {
 		var wg sync.WaitGroup
 		for i := 0; i < size; i++ {
 			wg.Add(1)
@@ -57,9 +59,6 @@ func TestS10_BurstsKeepTheConnection(t *testing.T) {
 		wg.Wait()
 	}
 	t.Logf("%d Encrypts in %d bursts on one connection: %v", bursts*size, bursts, kinds)
-	if kinds[refusedByNode] <= 100 {
-		t.Logf("Node refused only %d streams in %d bursts: too few to show the connection survives past 100", kinds[refusedByNode], bursts)
-	}
 	if n := kinds["failed with the connection"]; n > 0 {
 		t.Errorf("%d calls failed with the connection, e.g. %s", n, examples["failed with the connection"])
 	}
