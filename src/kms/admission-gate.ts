@@ -34,6 +34,7 @@ import type { Logger } from 'pino';
 import type { Admission, Slot } from '../engine/admission.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import { resetStream } from './call-limits.ts';
+import type { LoopLag } from './loop-lag.ts';
 import { methodLabels, type Api } from './method-labels.ts';
 
 /** The calls that do work: every other call (Status, Version, the admin API) never waits. */
@@ -59,7 +60,13 @@ function deadlineOf(call: grpc.ServerInterceptingCallInterface): number | undefi
   return Number.isFinite(ms) && ms > 0 ? ms : undefined;
 }
 
-export function admissionGate(admission: Admission, metrics: Metrics, logger: Logger, refusalHoldMs = DEFAULT_REFUSAL_HOLD_MS): grpc.ServerInterceptor {
+export function admissionGate(
+  admission: Admission,
+  metrics: Metrics,
+  logger: Logger,
+  refusalHoldMs = DEFAULT_REFUSAL_HOLD_MS,
+  loopLag?: LoopLag,
+): grpc.ServerInterceptor {
   let lastLogged = 0;
   let refusedSinceLog = 0;
   let held = 0;
@@ -105,7 +112,10 @@ export function admissionGate(admission: Admission, metrics: Metrics, logger: Lo
     };
     return new grpc.ServerInterceptingCall(call, {
       start(next) {
-        const decision = admission.admit(deadlineOf(call));
+        // The client's clock started when it sent the headers, up to a loop turn before
+        // grpc-js read them and set this deadline (loop-lag.ts): admit against the earlier one.
+        const deadline = deadlineOf(call);
+        const decision = admission.admit(deadline === undefined || !loopLag ? deadline : deadline - loopLag.recentMs());
         if (decision.kind === 'refused') {
           // The inner call is never started: its request is not even read.
           refuseHeld(call, labels, decision.message);

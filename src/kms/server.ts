@@ -6,6 +6,7 @@ import type { Logger } from 'pino';
 import type { Metrics } from '../observability/metrics.ts';
 import { admissionGate } from './admission-gate.ts';
 import { receiveGuard } from './call-limits.ts';
+import { LoopLag } from './loop-lag.ts';
 import type { KmsCore } from './core.ts';
 import { AdminService, V1Service, V2Service } from './proto.ts';
 import { adminHandlers, v1Handlers, v2Handlers, type HandlerContext } from './services.ts';
@@ -99,6 +100,7 @@ export class KmsServer {
   private identity: SocketIdentity | undefined;
   private watcher: NodeJS.Timeout | undefined;
   private replacedReported = false;
+  private readonly loopLag = new LoopLag();
 
   constructor(core: KmsCore, socket: SocketSettings, metrics: Metrics, logger: Logger, limits: ConnectionLimits = DEFAULT_CONNECTION_LIMITS) {
     this.socket = socket;
@@ -121,7 +123,7 @@ export class KmsServer {
       // The receive guard must stay first: it resets the stream of the innermost call.
       // grpc-js runs the last interceptor first: admission control decides before the
       // guard or anything else spends a thing on a call it refuses.
-      interceptors: [receiveGuard(RECEIVE_LIMITS, metrics, logger), ...(core.admission ? [admissionGate(core.admission, metrics, logger, limits.refusalHoldMs)] : [])],
+      interceptors: [receiveGuard(RECEIVE_LIMITS, metrics, logger), ...(core.admission ? [admissionGate(core.admission, metrics, logger, limits.refusalHoldMs, this.loopLag)] : [])],
     });
     allowRejectedStreams(this.server, logger);
     this.context = { core, metrics, logger, inFlight: new Set() };
@@ -207,6 +209,7 @@ export class KmsServer {
     if (this.context.inFlight.size > 0) this.logger.warn({ inFlight: this.context.inFlight.size }, 'drain timed out; cancelling remaining calls');
     if (!closed) this.server.forceShutdown();
     if (this.watcher) clearInterval(this.watcher);
+    this.loopLag.close();
     if (this.identity && !(await removeOwnSocket(this.identity))) {
       this.logger.warn({ socket: this.socket.path }, 'the socket path is no longer our socket; left it in place');
     }

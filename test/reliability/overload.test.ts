@@ -8,14 +8,17 @@
  * connection pool with FIFO queueing inside the backend, as an SDK's HTTP agent has.
  * Only the default overload settings are used.
  */
+import { spawn } from 'node:child_process';
 import http2 from 'node:http2';
 import net from 'node:net';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
 import test from 'ava';
 import { status } from '@grpc/grpc-js';
 import { call } from '../../src/cli/client.ts';
 import { parseEnvelope } from '../../src/envelope/format.ts';
 import type * as T from '../../src/kms/types.ts';
-import { eventually } from '../helpers/plugin-harness.ts';
+import { eventually, sleep } from '../helpers/plugin-harness.ts';
 import { outcome, startRig, type Outcome, type Rig } from './overload-rig.ts';
 
 const OVERLOADED = /overloaded/;
@@ -121,6 +124,52 @@ test.serial('a call that can no longer finish before its deadline is refused bef
   for (const b of rig.backends) b.open();
   t.true((await Promise.all(holders)).every((o) => o.code === status.OK));
   await assertUnharmed(t, rig, keyIdBefore);
+});
+
+/** The stall while the call's headers wait, and a longer one before it (the estimate goes by the worst recent turn). */
+const STALL_MS = 500;
+const EARLIER_STALL_MS = 700;
+const CLIENT_DEADLINE_MS = 800;
+const ENCRYPT_ON_CUE = fileURLToPath(new URL('../helpers/encrypt-on-cue.ts', import.meta.url));
+
+test.serial("a call whose headers waited unread while the event loop stalled is refused before the client's deadline, not left to time out", async (t) => {
+  // grpc-js dates a call's deadline from when it reads the headers; the client's clock
+  // started when it sent them. Here the plugin's loop stalls for 700 ms, then for 500 ms,
+  // and a client in another process sends an Encrypt with an 800 ms deadline during the
+  // second stall, while every KMS slot is taken: by the plugin's own reading the call
+  // has 800 ms left, by the client's 300 ms. Admission control must go by the client's clock (kms/loop-lag.ts)
+  // and refuse the call, explicitly, before the client gives up; before, it kept the
+  // call waiting past the client's deadline, and the client got DEADLINE_EXCEEDED.
+  const rig = await startRig(t, { connections: 10_000, serviceMs: 0, config: PATIENT });
+  const client = spawn(process.execPath, [ENCRYPT_ON_CUE, rig.socketPath, String(CLIENT_DEADLINE_MS)], { stdio: ['pipe', 'pipe', 'inherit'] });
+  t.teardown(() => client.kill());
+  const lines = createInterface({ input: client.stdout })[Symbol.asyncIterator]();
+  t.is((await lines.next()).value, 'ready');
+  // Every KMS slot taken by calls held at the backends (they end at the Encrypt deadline, 2.9 s).
+  for (const b of rig.backends) b.gate();
+  const holders = Array.from({ length: 32 }, (_, i) => outcome(v2Encrypt(rig, i, 20_000)));
+  await eventually(() => (rig.backends.every((b) => b.arrived.wrap >= 32) ? true : undefined), 10_000);
+  const shedBefore = await rig.counter('trousseau_overload_shed_total', { reason: 'deadline' });
+  const stall = (ms: number) => {
+    const until = performance.now() + ms;
+    while (performance.now() < until) {
+      // The loop is stopped: the client's clock runs, its headers wait unread in the socket.
+    }
+  };
+  // A loop that has been stalling (a burst, a starved CPU): the plugin knows it from
+  // the turns it has seen, as the estimate is made (loop-lag.ts), and then a call's
+  // headers arrive during the next stall.
+  stall(EARLIER_STALL_MS);
+  await sleep(50);
+  client.stdin.write('go\n');
+  stall(STALL_MS);
+  const answer = JSON.parse(String((await lines.next()).value)) as Outcome & { ms: number };
+  t.log(`the client's answer after ${answer.ms} ms: code ${answer.code} ${answer.details}`);
+  t.is((await rig.counter('trousseau_overload_shed_total', { reason: 'deadline' })) - shedBefore, 1, 'the plugin did not refuse the call for its deadline');
+  t.true(isRefusal(answer), 'the client did not get an explicit refusal');
+  t.true(answer.ms < CLIENT_DEADLINE_MS, 'the refusal came after the client had given up');
+  for (const b of rig.backends) b.open();
+  t.true((await Promise.all(holders)).every((o) => o.code === status.OK));
 });
 
 test.serial('a wrap that waited for a slot inside the plugin is not abandoned as a straggler: full envelopes, key_id unchanged', async (t) => {
