@@ -85,8 +85,7 @@ export function admissionGate(
     resetStream(call);
   };
   /** Answer a refusal decided at the call's start, after the hold when there is room and time for it. */
-  const refuseHeld = (call: grpc.ServerInterceptingCallInterface, labels: { api: Api; method: string }, message: string) => {
-    const deadline = deadlineOf(call);
+  const refuseHeld = (call: grpc.ServerInterceptingCallInterface, labels: { api: Api; method: string }, message: string, deadline: number | undefined) => {
     const hold = Math.min(refusalHoldMs, deadline === undefined ? Infinity : deadline - Date.now() - HOLD_DEADLINE_RESERVE_MS);
     if (hold <= 0 || held >= MAX_HELD) return refuse(call, labels, message);
     held += 1;
@@ -114,11 +113,13 @@ export function admissionGate(
       start(next) {
         // The client's clock started when it sent the headers, up to a loop turn before
         // grpc-js read them and set this deadline (loop-lag.ts): admit against the earlier one.
-        const deadline = deadlineOf(call);
-        const decision = admission.admit(deadline === undefined || !loopLag ? deadline : deadline - loopLag.recentMs());
+        const fromHeaders = deadlineOf(call);
+        const deadline = fromHeaders === undefined || !loopLag ? fromHeaders : fromHeaders - loopLag.recentMs();
+        const decision = admission.admit(deadline);
         if (decision.kind === 'refused') {
-          // The inner call is never started: its request is not even read.
-          refuseHeld(call, labels, decision.message);
+          // The inner call is never started: its request is not even read. A held
+          // refusal, too, must reach the client before its deadline.
+          refuseHeld(call, labels, decision.message, deadline);
           return;
         }
         if (decision.kind === 'granted') slot = decision.slot;
