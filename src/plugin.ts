@@ -91,7 +91,7 @@ export class Plugin implements KmsCore {
     this.config = config;
     this.logger = logger;
     this.metrics = metrics;
-    this.admission = new Admission('kms', config.overload.kms, { shed: (reason) => metrics.overloadShed.inc({ stage: 'kms', backend: '', reason }) });
+    this.admission = new Admission('kms', config.overload.kms, { shed: (reason) => metrics.overloadShed.inc({ stage: 'kms', backend: '', reason }) }, { refuseLateAtFreeSlot: true });
     metrics.trackAdmission('kms', '', this.admission);
     this.backends = options.backends.map((backend) => {
       const settings = config.backends.find((b) => b.name === backend.name);

@@ -31,6 +31,18 @@ export interface AdmissionLimits {
   maxWaitMs: number;
 }
 
+/** How one Admission decides beyond its limits. */
+export interface AdmissionPolicy {
+  /**
+   * At a free slot, refuse a call that recent hold times say cannot finish before its
+   * deadline, while other calls run (see `admit`). For the KMS gate, where such a call
+   * is a whole Encrypt or Decrypt answered after the client gave up. Not for a backend:
+   * there the caller is the engine, and a failover tried with less time left than the
+   * backend's p90 may still save a Decrypt.
+   */
+  refuseLateAtFreeSlot?: boolean;
+}
+
 export type ShedReason = 'queue_full' | 'deadline' | 'wait_timeout';
 
 export interface AdmissionObserver {
@@ -70,14 +82,16 @@ export class Admission {
   readonly name: string;
   private readonly limits: AdmissionLimits;
   private readonly observer: AdmissionObserver | undefined;
+  private readonly refuseLateAtFreeSlot: boolean;
   private readonly holdTimes = new LatencyWindow();
   private running = 0;
   private readonly queue: Waiter[] = [];
 
-  constructor(name: string, limits: AdmissionLimits, observer?: AdmissionObserver) {
+  constructor(name: string, limits: AdmissionLimits, observer?: AdmissionObserver, policy: AdmissionPolicy = {}) {
     this.name = name;
     this.limits = limits;
     this.observer = observer;
+    this.refuseLateAtFreeSlot = policy.refuseLateAtFreeSlot ?? false;
   }
 
   get inFlight(): number {
@@ -127,10 +141,17 @@ export class Admission {
     const answerBy = deadlineAt === undefined ? Infinity : now + (deadlineAt - Date.now()) - ANSWER_RESERVE_MS;
     const latestStart = answerBy - this.expectedHoldMs;
     if (answerBy <= now) return this.refusal('deadline');
-    // A free slot is always taken (unless the caller is as good as gone): were calls
-    // refused on the estimate alone while nothing runs, no call would ever finish to
-    // bring a stale estimate down again.
-    if (this.running < this.limits.maxInFlight && this.queue.length === 0) return { kind: 'granted', slot: this.grant() };
+    if (this.running < this.limits.maxInFlight && this.queue.length === 0) {
+      // A free slot is taken, unless (refuseLateAtFreeSlot) calls are running and the
+      // estimate they keep fresh says this one cannot finish in time: at the end of a
+      // burst the queue has been refused and slots free up while the client still sends
+      // calls with a few milliseconds left, and a whole round of them was started only
+      // to be answered after the client's deadline. With nothing running, the slot is
+      // always taken (unless the caller is as good as gone): were calls refused on the
+      // estimate alone then, no call would ever finish to bring a stale estimate down.
+      if (this.refuseLateAtFreeSlot && this.running > 0 && latestStart <= now) return this.refusal('deadline');
+      return { kind: 'granted', slot: this.grant() };
+    }
     if (latestStart <= now) return this.refusal('deadline');
     if (this.queue.length >= this.limits.maxQueued) return this.refusal('queue_full');
     // The wait the calls ahead imply: each round of maxInFlight calls holds its slots about expectedHoldMs.
