@@ -40,9 +40,11 @@ export const imageSettingsSchema = z.strictObject({
     seccompProfile: z.strictObject({ type: z.literal('RuntimeDefault') }),
   }),
   initContainer: z.strictObject({ command: z.array(z.string()).min(1), securityContext: containerSecurityContext, memoryLimit: memory }),
-  container: z.strictObject({ securityContext: containerSecurityContext, memoryLimit: memory }),
+  container: z.strictObject({ env: z.record(z.string().regex(/^[A-Z_][A-Z0-9_]*$/), z.string()), securityContext: containerSecurityContext, memoryLimit: memory }),
   hostNetwork: z.literal(true),
   socketDir: z.string().startsWith('/'),
+  /** A host folder for Node's compile cache (TROUSSEAU_COMPILE_CACHE), kept across restarts. */
+  compileCacheDir: z.string().startsWith('/'),
   configDir: z.string().startsWith('/'),
   terminationGracePeriodSeconds: z.number().int().min(1),
   ulimits: z.strictObject({ nofile: z.number().int().min(1024), nproc: z.number().int().min(64) }),
@@ -65,7 +67,8 @@ export const imageReference = (settings: ImageSettings) => `${settings.image}:${
 
 /**
  * The podman flags of one container: its securityContext over the pod's (Kubernetes
- * gives the container's field precedence), its memory limit, the node's network.
+ * gives the container's field precedence), its memory limit, the node's network, and
+ * for the plugin's container its environment.
  * seccompProfile RuntimeDefault is podman's default profile, so it needs no flag.
  */
 export function podmanArgs(settings: ImageSettings, which: 'container' | 'init'): string[] {
@@ -81,6 +84,7 @@ export function podmanArgs(settings: ImageSettings, which: 'container' | 'init')
   for (const cap of context.capabilities.add ?? []) args.push(`--cap-add=${cap}`);
   args.push(`--memory=${Number.parseInt(spec.memoryLimit, 10)}m`);
   if (settings.hostNetwork) args.push('--network=host');
+  if (which === 'container') for (const [name, value] of Object.entries(settings.container.env)) args.push(`--env=${name}=${value}`);
   return args;
 }
 

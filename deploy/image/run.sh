@@ -2,10 +2,10 @@
 # Runs the Trousseau image under podman the way the static pod (deploy/static-pod) runs
 # it on a control-plane node, for the image test and the end-to-end suite:
 #
-#   run.sh --name NAME --socket-dir DIR --config-dir DIR [--image REF]
+#   run.sh --name NAME --socket-dir DIR --cache-dir DIR --config-dir DIR [--image REF]
 #          [--env-file FILE] [--env K=V]... [--mount HOST:CONTAINER]... -- ARGS...
-#       Runs the init container's command (hands DIR to the plugin's uid and gid, as
-#       the static pod's socket-dir init container does), then starts the plugin
+#       Runs the init container's command (hands the socket and cache folders to the
+#       plugin's uid and gid, as the static pod's init container does), then starts the plugin
 #       detached with ARGS (e.g. `serve --config /etc/trousseau/config.yaml`).
 #       Prints nothing but the container id on success; on failure prints the reason
 #       (and the container's log, if it got that far) on stderr and exits non-zero.
@@ -15,8 +15,11 @@
 #       Prints the exit code; exits 0 only when the container exited 0 in time (a
 #       container still running at the deadline is killed and run.sh exits 2).
 #
-#   DIR          host folder mounted read-write at the socket folder (/var/run/trousseau),
+#   --socket-dir host folder mounted read-write at the socket folder (/var/run/trousseau),
 #                created if missing, as the kubelet's DirectoryOrCreate does
+#   --cache-dir  host folder mounted read-write at the compile cache folder
+#                (/var/lib/trousseau/compile-cache, TROUSSEAU_COMPILE_CACHE), created if
+#                missing; pass the same one to the next start, as a node keeps its own
 #   --config-dir host folder mounted read-only at /etc/trousseau (config.yaml and
 #                credentials/ as in deploy/static-pod)
 #   --mount      another host path, read-only (e.g. a CA file a test server made)
@@ -82,12 +85,13 @@ stop() {
   [ "$code" = 0 ]
 }
 
-name='' socket_dir='' config_dir='' image='' timeout='' logs='' stop_name=''
+name='' socket_dir='' cache_dir='' config_dir='' image='' timeout='' logs='' stop_name=''
 extra=()
 while [ $# -gt 0 ]; do
   case $1 in
     --name) name=$2; shift 2 ;;
     --socket-dir) socket_dir=$2; shift 2 ;;
+    --cache-dir) cache_dir=$2; shift 2 ;;
     --config-dir) config_dir=$2; shift 2 ;;
     --image) image=$2; shift 2 ;;
     --env) extra+=("--env=$2"); shift 2 ;;
@@ -110,24 +114,27 @@ fi
 
 [ -n "$name" ] || die "--name is required"
 [ -n "$socket_dir" ] || die "--socket-dir is required"
+[ -n "$cache_dir" ] || die "--cache-dir is required"
 [ -n "$config_dir" ] || die "--config-dir is required"
 [ -d "$config_dir" ] || die "--config-dir $config_dir is not a folder"
 [ $# -gt 0 ] || die "the plugin's arguments go after -- (e.g. -- serve --config /etc/trousseau/config.yaml)"
 [ -n "$image" ] || image=$(setting reference)
 podman image exists "$image" || die "no image $image in podman's storage: build it with npm run image"
 
-mkdir -p "$socket_dir"
+mkdir -p "$socket_dir" "$cache_dir"
 socket_dir=$(cd "$socket_dir" && pwd)
+cache_dir=$(cd "$cache_dir" && pwd)
 config_dir=$(cd "$config_dir" && pwd)
 container_socket_dir=$(setting socketDir)
+container_cache_dir=$(setting compileCacheDir)
 container_config_dir=$(setting configDir)
 mapfile -d '' limits < <(ulimit_args)
-common=(--runtime runc "${limits[@]}" "--volume=$socket_dir:$container_socket_dir")
+common=(--runtime runc "${limits[@]}" "--volume=$socket_dir:$container_socket_dir" "--volume=$cache_dir:$container_cache_dir")
 
-# The init container: root with CAP_CHOWN only, gives the socket folder to the plugin.
+# The init container: root with CAP_CHOWN only, gives the socket and cache folders to the plugin.
 mapfile -d '' init_args < <(args_for init)
 if ! init_out=$(podman run --rm --name "$name-init" "${common[@]}" "${init_args[@]}" "$image" 2>&1); then
-  die "the socket-dir init container failed: $init_out"
+  die "the host-folders init container failed: $init_out"
 fi
 
 mapfile -d '' container_args < <(args_for container)

@@ -1,7 +1,8 @@
 /**
  * The manifests ask the kubelet for what the image test ran: the static pod, the
  * DaemonSet and the rendered Helm chart name the image `npm run image` tags, and carry
- * the securityContext, memory limits, host network, socket folder and init container
+ * the securityContext, memory limits, host network, socket and compile cache folders,
+ * the plugin's environment and the init container
  * that deploy/image/run.sh translated into podman flags (all read from the one file
  * deploy/image/settings.json). A manifest edited alone fails here.
  */
@@ -23,6 +24,7 @@ interface Container {
   name: string;
   image: string;
   command?: string[];
+  env?: { name: string; value?: string }[];
   securityContext?: unknown;
   resources?: { limits?: { memory?: string } };
   volumeMounts?: { name: string; mountPath: string; readOnly?: boolean }[];
@@ -48,8 +50,8 @@ function checkSpec(t: ExecutionContext, where: string, spec: PodSpec) {
   t.is(spec.terminationGracePeriodSeconds ?? 30, settings.terminationGracePeriodSeconds, `${where}: terminationGracePeriodSeconds`);
   t.deepEqual(spec.securityContext, settings.podSecurityContext, `${where}: pod securityContext`);
 
-  const init = spec.initContainers?.find((c) => c.name === 'socket-dir');
-  t.truthy(init, `${where}: the socket-dir init container`);
+  const init = spec.initContainers?.find((c) => c.name === 'host-folders');
+  t.truthy(init, `${where}: the host-folders init container`);
   t.is(init?.image, reference, `${where}: init container image`);
   t.deepEqual(init?.command, settings.initContainer.command, `${where}: init container command`);
   t.deepEqual(init?.securityContext, settings.initContainer.securityContext, `${where}: init container securityContext`);
@@ -60,14 +62,21 @@ function checkSpec(t: ExecutionContext, where: string, spec: PodSpec) {
   t.is(plugin?.image, reference, `${where}: image`);
   t.deepEqual(plugin?.securityContext, settings.container.securityContext, `${where}: container securityContext`);
   t.is(plugin?.resources?.limits?.memory, settings.container.memoryLimit, `${where}: memory limit`);
+  for (const [name, value] of Object.entries(settings.container.env)) {
+    t.is(plugin?.env?.find((e) => e.name === name)?.value, value, `${where}: ${name}`);
+  }
+  t.is(settings.container.env.TROUSSEAU_COMPILE_CACHE, settings.compileCacheDir, 'the compile cache the plugin is told of is the folder mounted for it');
 
-  // The socket folder: a host folder mounted read-write where run.sh mounts it; the
-  // configuration read-only under the config folder.
-  for (const container of [init, plugin]) {
-    const mount = container?.volumeMounts?.find((m) => m.mountPath === settings.socketDir);
-    t.truthy(mount, `${where}: ${container?.name} mounts ${settings.socketDir}`);
-    t.falsy(mount?.readOnly);
-    t.truthy(spec.volumes.find((v) => v.name === mount?.name)?.hostPath, `${where}: the socket folder is a host folder`);
+  // The socket and compile cache folders: host folders mounted read-write where run.sh
+  // mounts them (the init container hands them to the plugin); the configuration
+  // read-only under the config folder.
+  for (const folder of [settings.socketDir, settings.compileCacheDir]) {
+    for (const container of [init, plugin]) {
+      const mount = container?.volumeMounts?.find((m) => m.mountPath === folder);
+      t.truthy(mount, `${where}: ${container?.name} mounts ${folder}`);
+      t.falsy(mount?.readOnly);
+      t.is(spec.volumes.find((v) => v.name === mount?.name)?.hostPath?.path, folder, `${where}: ${folder} is the same host folder`);
+    }
   }
   const configMounts = plugin?.volumeMounts?.filter((m) => m.mountPath.startsWith(settings.configDir)) ?? [];
   t.true(configMounts.length > 0 && configMounts.every((m) => m.readOnly === true), `${where}: configuration mounted read-only under ${settings.configDir}`);
@@ -121,6 +130,7 @@ test('run.sh turns the same settings into the podman flags the image test runs w
     '--cap-drop=ALL',
     `--memory=${Number.parseInt(settings.container.memoryLimit, 10)}m`,
     '--network=host',
+    `--env=TROUSSEAU_COMPILE_CACHE=${settings.compileCacheDir}`,
   ]);
   t.deepEqual(podmanArgs(settings, 'init'), ['--user=0:0', '--read-only', '--read-only-tmpfs=false', '--security-opt=no-new-privileges', '--cap-drop=ALL', '--cap-add=CHOWN', '--memory=128m', '--network=host']);
   t.true(settings.podSecurityContext.runAsNonRoot && settings.podSecurityContext.runAsUser !== 0);

@@ -11,7 +11,7 @@
  * No podman, no image: a failure under CI (CI=true), a loud skip elsewhere.
  */
 import { execFile } from 'node:child_process';
-import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -72,8 +72,12 @@ interface Started {
   logs: () => Promise<string>;
 }
 
-/** run.sh the image with `args`; resolves once the socket answers and /healthz is up. */
-async function start(t: ExecutionContext, label: string, configDir: string, args: string[], extra: string[] = []): Promise<Started> {
+/**
+ * run.sh the image with `args`; resolves once the socket answers and /healthz is up.
+ * `cacheDir`: the host folder of the compile cache, to share one between starts (a new
+ * one in the start's own folder otherwise).
+ */
+async function start(t: ExecutionContext, label: string, configDir: string, args: string[], extra: string[] = [], cacheDir?: string): Promise<Started> {
   const dir = mkdtempSync(path.join(tmpdir(), `trousseau-image-${label}-`));
   const socketDir = path.join(dir, 'socket');
   const name = `trousseau-test-${process.pid}-${label}`;
@@ -83,7 +87,7 @@ async function start(t: ExecutionContext, label: string, configDir: string, args
     rmSync(dir, { recursive: true, force: true });
   });
   const began = Date.now();
-  const { stdout } = await run('bash', [runSh, '--name', name, '--socket-dir', socketDir, '--config-dir', configDir, ...extra, '--', ...args], { timeout: 180_000 });
+  const { stdout } = await run('bash', [runSh, '--name', name, '--socket-dir', socketDir, '--cache-dir', cacheDir ?? path.join(dir, 'compile-cache'), '--config-dir', configDir, ...extra, '--', ...args], { timeout: 180_000 });
   t.regex(stdout, /^[0-9a-f]{64}\n$/, 'run.sh prints the container id and nothing else');
   const logs = async () => {
     const out = await run('podman', ['logs', name]).catch((error: { stdout?: string; stderr?: string }) => error);
@@ -189,6 +193,34 @@ imageTest('dev mode under the static pod settings: status, round trip, /healthz,
   await roundTrip(t, started, ['local-a', 'local-b', 'local-c']);
   t.log(`dev: RSS ${(await rssMiB(started.name)).toFixed(0)} MiB after one round trip`);
   await stopAndCheck(t, started);
+});
+
+imageTest('the compile cache: the init container hands its folder to the plugin, a restart starts from it', async (t) => {
+  const configDir = mkdtempSync(path.join(tmpdir(), 'trousseau-image-config-'));
+  chmodSync(configDir, 0o755);
+  const cacheBase = mkdtempSync(path.join(tmpdir(), 'trousseau-image-cache-'));
+  chmodSync(cacheBase, 0o755);
+  t.teardown(() => {
+    rmSync(configDir, { recursive: true, force: true });
+    rmSync(cacheBase, { recursive: true, force: true });
+  });
+  const cacheDir = path.join(cacheBase, 'compile-cache');
+  const args = ['serve', '--dev', '--data-dir', path.posix.join(settings.socketDir, 'dev-keys'), '--socket', containerSocket, '--http-listen', '127.0.0.1:0'];
+  const figures: string[] = [];
+  for (const which of ['first', 'second']) {
+    const started = await start(t, `cache-${which}`, configDir, args, [], cacheDir);
+    const logs = await started.logs();
+    t.regex(logs, /"msg":"compile cache in use"/, `${which} start: the cache is used`);
+    t.notRegex(logs, /compile cache not used/, `${which} start`);
+    figures.push(`${which} start: serving after ${started.startedMs} ms, RSS ${(await rssMiB(started.name)).toFixed(0)} MiB`);
+    await roundTrip(t, started, ['local-a', 'local-b', 'local-c']);
+    await stopAndCheck(t, started);
+    const info = statSync(cacheDir);
+    t.is(info.uid, uid, 'the cache folder is the plugin\'s');
+    t.is(info.mode & 0o777, 0o700, 'and no one else may read or write it');
+    t.true(readdirSync(cacheDir).length > 0, `${which} start: the plugin filled the cache`);
+  }
+  t.log(figures.join('; '));
 });
 
 imageTest('a real-servers configuration (OpenBao, local-kms, lowkey-vault, a local key), credentials mounted read-only', async (t) => {

@@ -38,6 +38,7 @@ import (
 
 const (
 	socketDir    = "/var/run/trousseau"
+	compileCache = "/var/lib/trousseau/compile-cache"
 	chartDir     = "deploy/helm/trousseau"
 	pluginUID    = 10001
 	nodeCritical = "system-node-critical"
@@ -1002,10 +1003,12 @@ func initCommands(t *testing.T) map[string][]string {
 }
 
 // The init container runs as root with CAP_CHOWN as its only capability and must leave
-// the folder to the plugin (10001:10001, 0750) on a first start (the kubelet made it
-// root 0755) and on every restart (already given away). Then the plugin, as uid 10001
-// with no supplementary group, serves a 0660 socket of group 10001 there and answers
-// the probes on 127.0.0.1. Needs root and setpriv (util-linux), as in CI.
+// the socket folder to the plugin (10001:10001, 0750) and the compile cache folder to
+// the plugin alone (10001:10001, 0700) on a first start (the kubelet made them root
+// 0755) and on every restart (already given away). Then the plugin, as uid 10001 with no
+// supplementary group, serves a 0660 socket of group 10001 there, answers the probes on
+// 127.0.0.1, and uses the compile cache (the folder passes its trust check). Needs root
+// and setpriv (util-linux), as in CI.
 func TestDeploy_SocketFolderAsInThePod(t *testing.T) {
 	t.Parallel()
 	setpriv, err := exec.LookPath("setpriv")
@@ -1021,7 +1024,7 @@ func TestDeploy_SocketFolderAsInThePod(t *testing.T) {
 	if len(commands) < 2 {
 		t.Fatalf("found %d init containers", len(commands))
 	}
-	var hostDir string
+	var hostDir, hostCache string
 	for where, command := range commands {
 		if len(command) != 3 || command[0] != "node" || command[1] != "-e" {
 			t.Fatalf("%s: command %q is not node -e SCRIPT", where, command)
@@ -1035,28 +1038,33 @@ func TestDeploy_SocketFolderAsInThePod(t *testing.T) {
 			t.Fatal(err)
 		}
 		dir := filepath.Join(base, "trousseau")
-		if err := os.Mkdir(dir, 0o755); err != nil { // what the kubelet's DirectoryOrCreate makes
-			t.Fatal(err)
+		cache := filepath.Join(base, "compile-cache")
+		for _, d := range []string{dir, cache} {
+			if err := os.Mkdir(d, 0o755); err != nil { // what the kubelet's DirectoryOrCreate makes
+				t.Fatal(err)
+			}
 		}
-		script := strings.ReplaceAll(command[2], socketDir, dir)
-		if script == command[2] {
-			t.Fatalf("%s: the script does not name %s", where, socketDir)
+		script := strings.ReplaceAll(strings.ReplaceAll(command[2], socketDir, dir), compileCache, cache)
+		if !strings.Contains(command[2], socketDir) || !strings.Contains(command[2], compileCache) {
+			t.Fatalf("%s: the script does not name both %s and %s", where, socketDir, compileCache)
 		}
 		for run := 1; run <= 2; run++ {
 			cmd := exec.Command(setpriv, "--reuid=0", "--regid=0", "--clear-groups", "--bounding-set=-all,+chown", "--inh-caps=-all", "--no-new-privs", node, "-e", script)
 			if out, err := cmd.CombinedOutput(); err != nil {
 				t.Fatalf("%s: run %d with CAP_CHOWN only: %v\n%s", where, run, err, out)
 			}
-			info, err := os.Stat(dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			st := info.Sys().(*syscall.Stat_t)
-			if st.Uid != pluginUID || st.Gid != pluginUID || info.Mode().Perm() != 0o750 {
-				t.Fatalf("%s: run %d left %d:%d %o, want 10001:10001 750", where, run, st.Uid, st.Gid, info.Mode().Perm())
+			for d, mode := range map[string]os.FileMode{dir: 0o750, cache: 0o700} {
+				info, err := os.Stat(d)
+				if err != nil {
+					t.Fatal(err)
+				}
+				st := info.Sys().(*syscall.Stat_t)
+				if st.Uid != pluginUID || st.Gid != pluginUID || info.Mode().Perm() != mode {
+					t.Fatalf("%s: run %d left %s %d:%d %o, want 10001:10001 %o", where, run, filepath.Base(d), st.Uid, st.Gid, info.Mode().Perm(), mode)
+				}
 			}
 		}
-		hostDir = dir
+		hostDir, hostCache = dir, cache
 	}
 
 	// The plugin itself, with deploy/config/local.yaml moved to temporary paths.
@@ -1095,6 +1103,7 @@ func TestDeploy_SocketFolderAsInThePod(t *testing.T) {
 	cmd := exec.Command(setpriv, "--reuid=10001", "--regid=10001", "--clear-groups", "--inh-caps=-all", "--no-new-privs",
 		node, filepath.Join(repoRoot, "bin", "trousseau.js"), "serve", "--config", configFile)
 	cmd.Dir = repoRoot
+	cmd.Env = append(os.Environ(), "TROUSSEAU_COMPILE_CACHE="+hostCache)
 	logs := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
@@ -1139,6 +1148,9 @@ func TestDeploy_SocketFolderAsInThePod(t *testing.T) {
 	st := info.Sys().(*syscall.Stat_t)
 	if info.Mode()&os.ModeSocket == 0 || st.Uid != pluginUID || st.Gid != pluginUID || info.Mode().Perm() != 0o660 {
 		t.Errorf("socket is %v %d:%d, want a 0660 socket owned by 10001:10001", info.Mode(), st.Uid, st.Gid)
+	}
+	if !strings.Contains(logs.String(), `"msg":"compile cache in use"`) {
+		t.Errorf("the plugin did not use the compile cache folder the init container made:\n%s", logs.String())
 	}
 	// And the apiserver's side: a Status over the socket, from this (root) process.
 	svc := newStatusClient(t, "unix://"+socket)

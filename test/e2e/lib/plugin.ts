@@ -130,7 +130,9 @@ export class ImageLauncher implements PluginLauncher {
     const name = `trousseau-${path.basename(path.dirname(setup.socketDir))}-${++this.starts}`;
     try {
       await run('bash', [
-        this.script, '--name', name, '--socket-dir', setup.socketDir, '--config-dir', setup.configDir, '--env-file', envFile, '--',
+        // One compile cache per run, kept across the run's restarts, as a node keeps its own.
+        this.script, '--name', name, '--socket-dir', setup.socketDir, '--cache-dir', path.join(path.dirname(setup.socketDir), 'compile-cache'),
+        '--config-dir', setup.configDir, '--env-file', envFile, '--',
         'serve', '--config', `${CONTAINER_CONFIG_DIR}/${CONFIG_NAME}`, '--socket', `${CONTAINER_SOCKET_DIR}/${SOCKET_NAME}`,
         '--http-listen', `127.0.0.1:${setup.httpPort}`,
       ], { timeout: 180_000 });
