@@ -4,7 +4,7 @@
  * CLI's own `clientsFor`. Everything is stopped in the test's teardown.
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
-import { lstat, mkdtemp, rm } from 'node:fs/promises';
+import { lstat, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -237,6 +237,19 @@ export interface ServeProcess {
   exited: Promise<number | null>;
   /** SIGTERM and wait for the exit code. */
   terminate(): Promise<number | null>;
+}
+
+/**
+ * `trousseau serve` on a configuration of one local key backend (quorum 1) in a new
+ * temporary folder, with `settings` merged at the top level (connections, log...).
+ */
+export async function spawnLocalServe(t: ExecutionContext, settings: Record<string, unknown> = {}): Promise<{ serve: ServeProcess; socketPath: string }> {
+  const dir = await tempDir(t);
+  const socketPath = path.join(dir, 'kms.sock');
+  await generateKeyFile(path.join(dir, 'a.key'));
+  const config = { socket: { path: socketPath }, quorum: 1, backends: [{ name: 'a', type: 'local', keyFile: 'a.key' }], ...settings };
+  await writeFile(path.join(dir, 'config.yaml'), JSON.stringify(config));
+  return { serve: await spawnServe(t, ['--config', path.join(dir, 'config.yaml')], socketPath), socketPath };
 }
 
 /** Start `trousseau serve ARGS` and wait until it serves on `socketPath`. Killed in teardown. */

@@ -14,14 +14,11 @@
  */
 import test, { type ExecutionContext } from 'ava';
 import { readFileSync } from 'node:fs';
-import { writeFile } from 'node:fs/promises';
 import http2 from 'node:http2';
 import net from 'node:net';
-import path from 'node:path';
-import { generateKeyFile } from '../../src/backends/local.ts';
 import { call, clientsFor } from '../../src/cli/client.ts';
 import type * as T from '../../src/kms/types.ts';
-import { eventually, sleep, spawnServe, tempDir } from '../helpers/plugin-harness.ts';
+import { eventually, sleep, spawnLocalServe } from '../helpers/plugin-harness.ts';
 
 const MESSAGE_BYTES = 200 * 1024;
 
@@ -34,14 +31,7 @@ function rssMiB(pid: number): number {
 }
 
 async function servePlugin(t: ExecutionContext, connections: Record<string, number> = {}) {
-  const dir = await tempDir(t);
-  const socketPath = path.join(dir, 'kms.sock');
-  await generateKeyFile(path.join(dir, 'a.key'));
-  await writeFile(
-    path.join(dir, 'config.yaml'),
-    JSON.stringify({ socket: { path: socketPath }, quorum: 1, backends: [{ name: 'a', type: 'local', keyFile: 'a.key' }], connections, log: { level: 'warn' } }),
-  );
-  const serve = await spawnServe(t, ['--config', path.join(dir, 'config.yaml')], socketPath);
+  const { serve, socketPath } = await spawnLocalServe(t, { connections, log: { level: 'warn' } });
   return { serve, socketPath, pid: serve.child.pid! };
 }
 

@@ -21,11 +21,8 @@
  * ends it after the 101st refusal.
  */
 import test from 'ava';
-import { writeFile } from 'node:fs/promises';
 import net from 'node:net';
-import path from 'node:path';
-import { generateKeyFile } from '../../src/backends/local.ts';
-import { spawnServe, tempDir } from '../helpers/plugin-harness.ts';
+import { spawnLocalServe } from '../helpers/plugin-harness.ts';
 
 /** Streams held open by the test: more than Node's 100 allowed refusals in a row. */
 const STREAM_BOUND = 128;
@@ -143,20 +140,7 @@ class RawConnection {
 
 test('120 streams in a row refused by Node itself do not end the connection', async (t) => {
   t.timeout(60_000);
-  const dir = await tempDir(t);
-  const socketPath = path.join(dir, 'kms.sock');
-  await generateKeyFile(path.join(dir, 'a.key'));
-  await writeFile(
-    path.join(dir, 'config.yaml'),
-    JSON.stringify({
-      socket: { path: socketPath },
-      quorum: 1,
-      backends: [{ name: 'a', type: 'local', keyFile: 'a.key' }],
-      connections: { maxConcurrentStreams: STREAM_BOUND },
-      log: { level: 'warn' },
-    }),
-  );
-  await spawnServe(t, ['--config', path.join(dir, 'config.yaml')], socketPath);
+  const { socketPath } = await spawnLocalServe(t, { connections: { maxConcurrentStreams: STREAM_BOUND }, log: { level: 'warn' } });
 
   const connection = new RawConnection(socketPath);
   t.teardown(() => connection.close());
