@@ -12,9 +12,9 @@
  */
 import test from 'ava';
 import { Admission, type AdmissionPolicy, type Slot } from '../../src/engine/admission.ts';
+import { sleep } from '../helpers/plugin-harness.ts';
 
 const HOLD_MS = 100;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** An Admission whose hold estimate (p90) has learnt ~100 ms from 16 real holds. */
 async function trained(policy: AdmissionPolicy = { refuseLateAtFreeSlot: true }): Promise<Admission> {

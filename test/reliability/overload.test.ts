@@ -137,9 +137,10 @@ test.serial("a call whose headers waited unread while the event loop stalled is 
   // started when it sent them. Here the plugin's loop stalls for 700 ms, then for 500 ms,
   // and a client in another process sends an Encrypt with an 800 ms deadline during the
   // second stall, while every KMS slot is taken: by the plugin's own reading the call
-  // has 800 ms left, by the client's 300 ms. Admission control must go by the client's clock (kms/loop-lag.ts)
-  // and refuse the call, explicitly, before the client gives up; before, it kept the
-  // call waiting past the client's deadline, and the client got DEADLINE_EXCEEDED.
+  // has 800 ms left, by the client's 300 ms. Admission control must go by the client's
+  // clock (kms/loop-lag.ts) and refuse the call, explicitly, before the client gives up;
+  // before, it kept the call waiting past the client's deadline, and the client got
+  // DEADLINE_EXCEEDED.
   const rig = await startRig(t, { connections: 10_000, serviceMs: 0, config: PATIENT });
   const client = spawn(process.execPath, [ENCRYPT_ON_CUE, rig.socketPath, String(CLIENT_DEADLINE_MS)], { stdio: ['pipe', 'pipe', 'inherit'] });
   t.teardown(() => client.kill());
