@@ -17,7 +17,7 @@
  * rotation keep unwrapping. Only versions the vault issued get a (bounded) cache entry.
  */
 import type { KeyObject } from 'node:crypto';
-import { Agent } from 'node:https';
+import type { Agent } from 'node:https';
 import { rootCertificates } from 'node:tls';
 import path from 'node:path';
 import { z } from 'zod';
@@ -31,6 +31,7 @@ import { TrousseauError, isTrousseauError } from '../errors.ts';
 import { encodeSignedCopy, parseAzureCopy, signedDigest, verifyCopySignature, rsaPublicKeyFromJwk } from './azure-copy.ts';
 import type { KeyBackend, WrapContext, WrappedKey } from './backend.ts';
 import { commonBackendFields, type BackendDefinition } from './definition.ts';
+import { keepAliveHttpsAgent } from './https-agent.ts';
 
 const ALGORITHM = 'RSA-OAEP-256';
 /** RSASSA-PSS with SHA-256: provably safe to share one RSA key with RSA-OAEP (see azure-copy.ts). */
@@ -402,7 +403,7 @@ export class AzureKeyVaultBackend implements KeyBackend {
       });
       // Passing `ca` replaces Node's roots, so they are added back: caFile extends trust,
       // like NODE_EXTRA_CA_CERTS, but for this client only and without a restart.
-      agent = new Agent({ ca: [...rootCertificates, pem], keepAlive: true });
+      agent = keepAliveHttpsAgent(`azure backend ${this.name}`, { ca: [...rootCertificates, pem] });
     }
     const credential = this.options.credential ?? createCredential(this.config.credential, this.options.baseDir, this.name);
     const clientOptions: CryptographyClientOptions = {

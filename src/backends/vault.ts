@@ -33,6 +33,7 @@ import { readCredentialFile } from '../config/trusted-path.ts';
 import { TrousseauError } from '../errors.ts';
 import { contextBytes, type KeyBackend, type WrapContext, type WrappedKey } from './backend.ts';
 import { Coalescer } from './coalescer.ts';
+import { keepAliveHttpsAgent } from './https-agent.ts';
 import { commonBackendFields, type BackendDefinition, type BackendMetrics } from './definition.ts';
 
 // The CommonJS modules, not ESM imports: importing node:http from ESM builds its
@@ -729,13 +730,7 @@ export class VaultBackend implements KeyBackend {
       }
     };
     const [ca, cert, key] = await Promise.all([load(tls?.caFile, 'CA'), load(tls?.certFile, 'certificate'), load(tls?.keyFile, 'key')]);
-    this.httpsAgent ??= new httpsModule.Agent({
-      keepAlive: true,
-      ...(ca ? { ca } : {}),
-      ...(cert ? { cert } : {}),
-      ...(key ? { key } : {}),
-      ...(tls?.serverName ? { servername: tls.serverName } : {}),
-    });
+    this.httpsAgent ??= keepAliveHttpsAgent(`vault backend ${this.name}`, { ca, cert, key, servername: tls?.serverName });
     return this.httpsAgent;
   }
 

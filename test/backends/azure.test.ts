@@ -8,6 +8,7 @@
  * so no test-only credential is involved.
  */
 import { randomBytes } from 'node:crypto';
+import diagnosticsChannel from 'node:diagnostics_channel';
 import { readFileSync } from 'node:fs';
 import { Agent } from 'node:https';
 import test from 'ava';
@@ -34,10 +35,8 @@ if ('missing' in server) {
 
   const signal = () => AbortSignal.timeout(10_000);
   const context = (backend: KeyBackend): WrapContext => ({ envelopeId: randomBytes(16), backendName: backend.name });
-  const admin = new KeyClient(vaultUrl, new ManagedIdentityCredential(), {
-    disableChallengeResourceVerification: true,
-    agent: new Agent({ ca: readFileSync(caFile) }),
-  });
+  const adminAgent = new Agent({ ca: readFileSync(caFile) });
+  const admin = new KeyClient(vaultUrl, new ManagedIdentityCredential(), { disableChallengeResourceVerification: true, agent: adminAgent });
 
   const make = (overrides: Record<string, unknown> = {}) =>
     new AzureKeyVaultBackend(
@@ -208,6 +207,31 @@ if ('missing' in server) {
       const error = await t.throwsAsync(backend.wrap(randomBytes(32), context(backend), signal()));
       t.is(errorCodeOf(error), 'BACKEND_UNAVAILABLE');
     } finally {
+      await backend.close();
+    }
+  });
+
+  test(`${label}: the CA bundle is parsed once: the connection pool is named by address, not by every root certificate`, async (t) => {
+    // caFile extends Node's ~145 roots. Given to an agent as `ca`, that bundle (~220 KB)
+    // was concatenated into the pool's name on every request and parsed again for every
+    // connection (src/backends/https-agent.ts). The agents are seen through Node's
+    // public diagnostics channel; the admin client's own agent is left out.
+    const agents = new Set<Agent>();
+    const onStart = (message: unknown) => {
+      const agent = (message as { request: { agent?: unknown } }).request.agent;
+      if (agent instanceof Agent && agent !== adminAgent) agents.add(agent);
+    };
+    diagnosticsChannel.subscribe('http.client.request.start', onStart);
+    const backend = make();
+    try {
+      const ctx = context(backend);
+      const copy = await backend.wrap(randomBytes(32), ctx, signal());
+      await backend.unwrap(copy.wrapped, copy.keyVersion, ctx, signal());
+      const names = [...agents].flatMap((agent) => [...Object.keys(agent.sockets), ...Object.keys(agent.freeSockets)]);
+      t.true(names.length > 0, 'the backend sent through a keep-alive agent');
+      for (const name of names) t.true(name.length < 512, `pool name of ${name.length} characters`);
+    } finally {
+      diagnosticsChannel.unsubscribe('http.client.request.start', onStart);
       await backend.close();
     }
   });

@@ -7,7 +7,9 @@
  */
 import { generateKeyPair, randomBytes, sign } from 'node:crypto';
 import { promisify } from 'node:util';
+import diagnosticsChannel from 'node:diagnostics_channel';
 import { mkdtempSync, readFileSync } from 'node:fs';
+import { Agent as HttpsAgent } from 'node:https';
 import { createServer, type Socket } from 'node:net';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -200,6 +202,48 @@ if ('missing' in server) {
       } finally {
         await b.close();
       }
+    }
+  });
+
+  test('TLS: the CA and client certificate are parsed once, not named into the connection pool on every request', async (t) => {
+    // Given to an agent as `ca`/`cert`/`key`, the PEM text was concatenated into the
+    // pool's name on every request and parsed again for every connection
+    // (src/backends/https-agent.ts). Agents seen through Node's diagnostics channel.
+    const agents = new Set<HttpsAgent>();
+    const onStart = (message: unknown) => {
+      const agent = (message as { request: { agent?: unknown } }).request.agent;
+      if (agent instanceof HttpsAgent) agents.add(agent);
+    };
+    diagnosticsChannel.subscribe('http.client.request.start', onStart);
+    const b = backend({ method: 'token', tokenFile: tlsTokenFile }, { address: tlsAddress, tls: { caFile: tlsCaFile } });
+    try {
+      const context = contextFor(b);
+      const copy = await b.wrap(randomBytes(32), context, signal());
+      await b.unwrap(copy.wrapped, copy.keyVersion, context, signal());
+      const names = [...agents].flatMap((agent) => [...Object.keys(agent.sockets), ...Object.keys(agent.freeSockets)]);
+      t.true(names.length > 0, 'the backend sent through a keep-alive HTTPS agent');
+      for (const name of names) t.true(name.length < 512, `pool name of ${name.length} characters`);
+    } finally {
+      diagnosticsChannel.unsubscribe('http.client.request.start', onStart);
+      await b.close();
+    }
+  });
+
+  test('TLS: a client certificate OpenSSL refuses is BACKEND_UNAVAILABLE, its text never in the message', async (t) => {
+    const dir = path.join(work, `bad-client-cert-${randomBytes(4).toString('hex')}`);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const certFile = path.join(dir, 'client.pem');
+    const keyFile = path.join(dir, 'client.key');
+    await writeFile(certFile, 'not-a-certificate-SECRET-MARKER\n', { mode: 0o600 });
+    await writeFile(keyFile, 'not-a-key-SECRET-MARKER\n', { mode: 0o600 });
+    const b = backend({ method: 'token', tokenFile: tlsTokenFile }, { address: tlsAddress, tls: { caFile: tlsCaFile, certFile, keyFile } });
+    try {
+      const error = await t.throwsAsync(b.wrap(randomBytes(32), contextFor(b), signal()));
+      t.is(errorCodeOf(error), 'BACKEND_UNAVAILABLE');
+      t.regex(error.message, /TLS certificate or key cannot be used \(ERR_OSSL_[A-Z_]+\)/);
+      t.notRegex(error.message, /SECRET-MARKER/);
+    } finally {
+      await b.close();
     }
   });
 
