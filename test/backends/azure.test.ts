@@ -8,7 +8,6 @@
  * so no test-only credential is involved.
  */
 import { randomBytes } from 'node:crypto';
-import diagnosticsChannel from 'node:diagnostics_channel';
 import { readFileSync } from 'node:fs';
 import { Agent } from 'node:https';
 import test from 'ava';
@@ -18,6 +17,7 @@ import { AzureKeyVaultBackend, azureConfigSchema } from '../../src/backends/azur
 import { parseAzureCopy } from '../../src/backends/azure-copy.ts';
 import type { KeyBackend, WrapContext } from '../../src/backends/backend.ts';
 import { errorCodeOf } from '../../src/errors.ts';
+import { httpsPoolNamesDuring } from '../helpers/https-pool-names.ts';
 import { requireServer } from '../helpers/servers.ts';
 import { runBackendConformance } from './conformance.ts';
 
@@ -213,25 +213,18 @@ if ('missing' in server) {
 
   test(`${label}: the CA bundle is parsed once: the connection pool is named by address, not by every root certificate`, async (t) => {
     // caFile extends Node's ~145 roots. Given to an agent as `ca`, that bundle (~220 KB)
-    // was concatenated into the pool's name on every request and parsed again for every
-    // connection (src/backends/https-agent.ts). The agents are seen through Node's
-    // public diagnostics channel; the admin client's own agent is left out.
-    const agents = new Set<Agent>();
-    const onStart = (message: unknown) => {
-      const agent = (message as { request: { agent?: unknown } }).request.agent;
-      if (agent instanceof Agent && agent !== adminAgent) agents.add(agent);
-    };
-    diagnosticsChannel.subscribe('http.client.request.start', onStart);
+    // was concatenated into the pool's name on every request (test/helpers/https-pool-names.ts).
+    // The admin client's own agent is left out.
     const backend = make();
     try {
       const ctx = context(backend);
-      const copy = await backend.wrap(randomBytes(32), ctx, signal());
-      await backend.unwrap(copy.wrapped, copy.keyVersion, ctx, signal());
-      const names = [...agents].flatMap((agent) => [...Object.keys(agent.sockets), ...Object.keys(agent.freeSockets)]);
+      const names = await httpsPoolNamesDuring(async () => {
+        const copy = await backend.wrap(randomBytes(32), ctx, signal());
+        await backend.unwrap(copy.wrapped, copy.keyVersion, ctx, signal());
+      }, (agent) => agent === adminAgent);
       t.true(names.length > 0, 'the backend sent through a keep-alive agent');
       for (const name of names) t.true(name.length < 512, `pool name of ${name.length} characters`);
     } finally {
-      diagnosticsChannel.unsubscribe('http.client.request.start', onStart);
       await backend.close();
     }
   });

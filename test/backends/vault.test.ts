@@ -7,9 +7,7 @@
  */
 import { generateKeyPair, randomBytes, sign } from 'node:crypto';
 import { promisify } from 'node:util';
-import diagnosticsChannel from 'node:diagnostics_channel';
 import { mkdtempSync, readFileSync } from 'node:fs';
-import { Agent as HttpsAgent } from 'node:https';
 import { createServer, type Socket } from 'node:net';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -24,6 +22,7 @@ import { loadVaultSdk, VaultBackend, vaultConfigSchema } from '../../src/backend
 import type { BackendMetrics } from '../../src/backends/definition.ts';
 import { errorCodeOf } from '../../src/errors.ts';
 import { runBackendConformance } from './conformance.ts';
+import { httpsPoolNamesDuring } from '../helpers/https-pool-names.ts';
 import { requireServer, requireVar } from '../helpers/servers.ts';
 
 // Built directly below, not through the backend's definition, which loads the SDK itself.
@@ -207,24 +206,17 @@ if ('missing' in server) {
 
   test('TLS: the CA and client certificate are parsed once, not named into the connection pool on every request', async (t) => {
     // Given to an agent as `ca`/`cert`/`key`, the PEM text was concatenated into the
-    // pool's name on every request and parsed again for every connection
-    // (src/backends/https-agent.ts). Agents seen through Node's diagnostics channel.
-    const agents = new Set<HttpsAgent>();
-    const onStart = (message: unknown) => {
-      const agent = (message as { request: { agent?: unknown } }).request.agent;
-      if (agent instanceof HttpsAgent) agents.add(agent);
-    };
-    diagnosticsChannel.subscribe('http.client.request.start', onStart);
+    // pool's name on every request (test/helpers/https-pool-names.ts).
     const b = backend({ method: 'token', tokenFile: tlsTokenFile }, { address: tlsAddress, tls: { caFile: tlsCaFile } });
     try {
       const context = contextFor(b);
-      const copy = await b.wrap(randomBytes(32), context, signal());
-      await b.unwrap(copy.wrapped, copy.keyVersion, context, signal());
-      const names = [...agents].flatMap((agent) => [...Object.keys(agent.sockets), ...Object.keys(agent.freeSockets)]);
+      const names = await httpsPoolNamesDuring(async () => {
+        const copy = await b.wrap(randomBytes(32), context, signal());
+        await b.unwrap(copy.wrapped, copy.keyVersion, context, signal());
+      });
       t.true(names.length > 0, 'the backend sent through a keep-alive HTTPS agent');
       for (const name of names) t.true(name.length < 512, `pool name of ${name.length} characters`);
     } finally {
-      diagnosticsChannel.unsubscribe('http.client.request.start', onStart);
       await b.close();
     }
   });
