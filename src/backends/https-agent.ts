@@ -6,7 +6,7 @@
  * by concatenating those options into a string on every request (`Agent.getName`), and
  * builds a new secure context, parsing every PEM again, for every new connection. With
  * Node's ~145 root certificates plus a CA file, as the Azure backend passes them, that
- * is a string of about 220 KB per request: most of the plugin's CPU per Azure call
+ * is a string of about 180,000 characters per request: a quarter of the CPU per Azure call
  * under load, and a large object in the heap each time (docs/performance.md, "TLS
  * material parsed once"). A `secureContext` is not part of the pool's name, and one
  * context serves every connection. Its certificates and key are the same ones

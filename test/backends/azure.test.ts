@@ -212,7 +212,7 @@ if ('missing' in server) {
   });
 
   test(`${label}: the CA bundle is parsed once: the connection pool is named by address, not by every root certificate`, async (t) => {
-    // caFile extends Node's ~145 roots. Given to an agent as `ca`, that bundle (~220 KB)
+    // caFile extends Node's ~145 roots. Given to an agent as `ca`, that bundle (~180,000 characters)
     // was concatenated into the pool's name on every request (test/helpers/https-pool-names.ts).
     // The admin client's own agent is left out.
     const backend = make();
