@@ -28,7 +28,8 @@ test.after.always(() => temp.remove());
 
 test('the golden set covers v2 inline, v2 annotations, v1 inline, a partially wrapped envelope and both Vault key version forms', (t) => {
   t.deepEqual(files, ['v1-inline.json', 'v2-annotations.json', 'v2-inline.json', 'v2-partial.json', 'v2-vault-bare-version.json', 'v2-vault.json']);
-  const byFile = new Map(vectors.map((v) => [v.file, v.vector]));
+  // Every file, the Vault ones too: this only parses them, so it needs no server.
+  const byFile = new Map(all.map((v) => [v.file, v.vector]));
   t.true(Object.keys(byFile.get('v2-annotations.json')!.annotations).length > 0);
   t.is(Object.keys(byFile.get('v1-inline.json')!.annotations).length, 0);
   t.true(byFile.get('v2-partial.json')!.missing.length > 0);

@@ -30,17 +30,22 @@ for name in "${names[@]}"; do case "$peers" in *" $name "*) ordered+=("$name") ;
 names=("${ordered[@]}")
 
 # Installs run in parallel (they are downloads and builds); starts run in order.
+# A server that cannot be installed does not keep the others down: they still start,
+# so that the tests which fail are those that need it, not every backend test, and
+# the script exits 1 at the end naming it.
 pids=()
 for name in "${names[@]}"; do
   ( bash "test/servers/$name.server.sh" install >"$SERVERS_DIR/logs/$name.install.log" 2>&1 \
       || { echo "install of $name failed; see $SERVERS_DIR/logs/$name.install.log" >&2; tail -30 "$SERVERS_DIR/logs/$name.install.log" >&2; exit 1; } ) &
   pids+=($!)
 done
-failed=0
-for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-[ "$failed" -eq 0 ] || exit 1
+not_installed=()
+installed=()
+for i in "${!pids[@]}"; do
+  if wait "${pids[$i]}"; then installed+=("${names[$i]}"); else not_installed+=("${names[$i]}"); fi
+done
 
-for name in "${names[@]}"; do
+for name in ${installed[@]+"${installed[@]}"}; do
   echo "starting $name"
   bash "test/servers/$name.server.sh" start
 done
@@ -88,4 +93,8 @@ PY2
 }
 render_trousseau_config
 
+if [ ${#not_installed[@]} -gt 0 ]; then
+  echo "servers up: ${installed[*]:-none}; not installed: ${not_installed[*]}" >&2
+  exit 1
+fi
 echo "servers up: ${names[*]}"
