@@ -157,6 +157,11 @@ class Link {
     }
   }
 
+  /** Chunks a latency fault scheduled that have not been sent yet. */
+  get delayedChunks(): number {
+    return this.timers.size;
+  }
+
   /** Forward what was held, in order (the hold has ended). */
   releaseHeld(): void {
     for (const chunk of this.heldUp.splice(0)) this.delayed('up', 0, chunk);
@@ -352,6 +357,20 @@ export class FaultProxy {
     else if (previous.kind === 'hold' && next.kind !== 'hold') for (const link of this.links) link.releaseHeld();
     if (next.kind === 'refuse' && next.how === 'close') await this.unlisten();
     else await this.listen();
+  }
+
+  /**
+   * Resolves once no request or response a latency fault delayed is still on its
+   * way (a heavy tail's 2 s request outlives the switch back to `pass`, and its
+   * outcome, a timeout at the plugin, lands whenever it lands). Rejects after
+   * `timeoutMs`.
+   */
+  async drained(timeoutMs = 10_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while ([...this.links].some((link) => link.delayedChunks > 0)) {
+      if (Date.now() > deadline) throw new Error(`proxy ${this.label}: delayed chunks still pending after ${timeoutMs} ms`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
   }
 
   forget(link: Link): void {

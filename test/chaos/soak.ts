@@ -213,6 +213,10 @@ async function main(): Promise<number> {
         current = new Recorder();
         await Promise.all(BACKENDS.map((b) => proxies[b].pass()));
         const settleStarted = performance.now();
+        // Requests a heavy tail still delays (up to 2 s) end at the plugin as timeouts
+        // after the switch to `pass`: waited for here, or the breaker they open is
+        // blamed on the next phase, where that backend is meant to be up.
+        await Promise.all(BACKENDS.map((b) => proxies[b].drained()));
         await waitFor(child, (view) => BACKENDS.every((b) => isUp(view, b)), 15_000);
         const settleMs = performance.now() - settleStarted;
         await phase.apply(proxies);
